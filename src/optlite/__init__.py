@@ -1,0 +1,18 @@
+"""optlite: Meta's OPT language models in plain PyTorch, numerically identical to transformers' OPT."""
+
+from .cache import DynamicCache
+from .config import OPTConfig
+from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
+from .modeling import OPTModel, OPTPreTrainedModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DynamicCache",
+    "OPTConfig",
+    "OPTForCausalLM",
+    "OPTForQuestionAnswering",
+    "OPTForSequenceClassification",
+    "OPTModel",
+    "OPTPreTrainedModel",
+]

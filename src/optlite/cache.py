@@ -1,0 +1,87 @@
+"""The key/value cache passed into and returned by forward(), in transformers' layout (B, heads, seq, head_dim)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+LegacyCache = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class DynamicCache:
+    """Per-layer keys and values that grow by concatenation as tokens are decoded.
+
+    It also behaves like the legacy tuple of `(key, value)` per layer: `len(cache)`, `cache[i]`, iteration.
+
+    Example:
+        >>> import torch
+        >>> from optlite import OPTConfig, OPTForCausalLM
+        >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval()
+        >>> out = model(torch.tensor([[2, 100, 200]]), use_cache=True)
+        >>> out.past_key_values[0][0].shape  # layer 0 keys: (batch, heads, seq, head_dim)
+        torch.Size([1, 4, 3, 16])
+        >>> nxt = model(torch.tensor([[300]]), past_key_values=out.past_key_values, use_cache=True)
+        >>> nxt.past_key_values.get_seq_length()
+        4
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @classmethod
+    def from_legacy_cache(cls, past: LegacyCache) -> DynamicCache:
+        """Wrap a tuple of `(key, value)` per layer, each `(batch, heads, seq, head_dim)`."""
+        cache = cls()
+        for i, layer in enumerate(past):
+            if len(layer) != 2:
+                raise ValueError(f"past_key_values[{i}] must be a (key, value) pair, got {len(layer)} items")
+            key, value = layer
+            if key.dim() != 4 or key.shape != value.shape:
+                raise ValueError(f"past_key_values[{i}] key and value must both be (batch, heads, seq, head_dim); "
+                                 f"got {tuple(key.shape)} and {tuple(value.shape)}")
+            cache.keys.append(key)
+            cache.values.append(value)
+        return cache
+
+    def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return tuple(zip(self.keys, self.values, strict=True))
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values for one layer and return everything cached for it."""
+        if layer_idx == len(self.keys):
+            self.keys.append(key)
+            self.values.append(value)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self) -> int:
+        return self.keys[0].shape[-2] if self.keys else 0
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        """Select batch rows in place (beam search keeps the beams it extends)."""
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].index_select(0, index.to(self.keys[i].device))
+            self.values[i] = self.values[i].index_select(0, index.to(self.values[i].device))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(zip(self.keys, self.values, strict=True))
+
+
+def as_cache(past: DynamicCache | LegacyCache | None, num_layers: int) -> DynamicCache | None:
+    """Accept our cache or a legacy tuple; check it has one entry per decoder layer (or none yet)."""
+    if past is None:
+        return None
+    cache = past if hasattr(past, "update") else DynamicCache.from_legacy_cache(past)
+    if len(cache) not in (0, num_layers):
+        raise ValueError(f"past_key_values holds {len(cache)} layers but the model has {num_layers} decoder layers")
+    return cache

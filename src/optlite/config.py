@@ -1,0 +1,172 @@
+"""OPTConfig: the hyper-parameters of an OPT model, under transformers' names, read from and written to config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .activations import ACTIVATIONS
+
+
+@dataclass
+class OPTConfig:
+    """Configuration of an OPT model; field names and defaults are transformers' `OPTConfig`'s.
+
+    The defaults describe facebook/opt-125m. Keys of a config.json this class does not know are kept in
+    `extra` and written back by `to_dict`, so a hub config survives a load/save round trip.
+
+    Example:
+        >>> cfg = OPTConfig.from_preset("opt-350m")
+        >>> cfg.hidden_size, cfg.word_embed_proj_dim, cfg.do_layer_norm_before
+        (1024, 512, False)
+        >>> OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=128, num_hidden_layers=2).head_dim
+        16
+    """
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    _remove_final_layer_norm: bool = False
+    word_embed_proj_dim: int | None = None  # None means hidden_size; 350m embeds in 512 and projects
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    num_attention_heads: int = 12
+    activation_function: str = "relu"
+    layerdrop: float = 0.0
+    init_std: float = 0.02
+    use_cache: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    # What the task heads need.
+    num_labels: int | None = None  # None means len(id2label), or 2 when that is absent too
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    torch_dtype: str | None = None  # the dtype the weights were saved in ("float16", ...)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+        if self.num_labels is None:
+            self.num_labels = len(self.id2label) if self.id2label else 2
+        if self.id2label is None or len(self.id2label) != self.num_labels:
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None or len(self.label2id) != self.num_labels:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        if self.torch_dtype is not None:
+            self.torch_dtype = str(self.torch_dtype).removeprefix("torch.")
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        # Checkpoints fine-tuned before transformers 4.20 were saved without it (`_remove_final_layer_norm`).
+        return self.do_layer_norm_before and not self._remove_final_layer_norm
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a value cannot describe a working model."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings",
+                     "num_attention_heads", "word_embed_proj_dim", "num_labels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_hidden_layers"
+                                                                                 else 1):
+                raise ValueError(f"OPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"OPTConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        for name in ("dropout", "attention_dropout", "layerdrop"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"OPTConfig.{name} is a probability and must be in [0, 1], got {value!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"OPTConfig.activation_function {self.activation_function!r} is not one of "
+                             f"{sorted(ACTIVATIONS)}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"OPTConfig.pad_token_id ({self.pad_token_id}) must be in [0, vocab_size="
+                             f"{self.vocab_size})")
+        if self.problem_type not in (None, "regression", "single_label_classification",
+                                     "multi_label_classification"):
+            raise ValueError(f"OPTConfig.problem_type {self.problem_type!r} is not one of regression, "
+                             "single_label_classification, multi_label_classification")
+
+    # ---- dict / JSON ----
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> OPTConfig:
+        """Build from a config.json dict (any hub OPT config); unknown keys are kept in `extra`."""
+        data = {**data, **overrides}
+        model_type = data.pop("model_type", "opt")
+        if model_type != "opt":
+            raise ValueError(f"config has model_type {model_type!r}; optlite loads OPT models (model_type 'opt')")
+        if "dtype" in data:  # transformers 5 writes "dtype", earlier versions "torch_dtype"
+            data.setdefault("torch_dtype", data.pop("dtype"))
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json dict: transformers' field names plus any unknown keys read earlier."""
+        out: dict[str, Any] = {**self.extra, "model_type": "opt"}
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", "num_labels"):  # num_labels is implied by id2label, as in transformers
+                out[f.name] = getattr(self, f.name)
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> OPTConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config file at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_json_string(), encoding="utf-8")
+
+    # ---- presets ----
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        """Names accepted by `from_preset`, e.g. "opt-125m" … "opt-66b" and "opt-tiny"."""
+        return sorted(p.name.removesuffix(".json") for p in resources.files("optlite").joinpath("presets").iterdir()
+                      if p.name.endswith(".json"))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> OPTConfig:
+        """The config of a published OPT size by name ("opt-1.3b" or "facebook/opt-1.3b"); no network needed."""
+        short = name.removeprefix("facebook/")
+        preset = resources.files("optlite").joinpath("presets").joinpath(f"{short}.json")
+        if not preset.is_file():
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(cls.preset_names())}")
+        return cls.from_dict(json.loads(preset.read_text(encoding="utf-8")), **overrides)

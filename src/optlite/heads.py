@@ -1,0 +1,205 @@
+"""Task heads on top of OPTModel: causal LM, sequence classification, extractive question answering.
+
+Each head reads the decoder's last hidden state, which is word_embed_proj_dim wide (512 for opt-350m).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import OPTConfig
+from .modeling import OPTModel, OPTPreTrainedModel
+from .outputs import CausalLMOutputWithPast, QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast
+
+logger = logging.getLogger(__name__)
+
+
+class OPTForCausalLM(OPTPreTrainedModel):
+    """OPT with its language-modelling head (tied to the input embeddings).
+
+    Example:
+        >>> import torch
+        >>> from optlite import OPTConfig, OPTForCausalLM
+        >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval()
+        >>> ids = torch.tensor([[2, 31414, 6, 127]])
+        >>> out = model(ids, labels=ids)
+        >>> out.logits.shape, out.loss.dim()
+        (torch.Size([1, 4, 50272]), 0)
+    """
+
+    def __init__(self, config: OPTConfig):
+        super().__init__(config)
+        self.model = OPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast | tuple:
+        """`labels` are the input ids themselves (shifted inside); -100 marks positions left out of the loss.
+        `logits_to_keep=k` computes logits for the last k positions only (0: all), as generation needs."""
+        out = self.model.decoder(input_ids, attention_mask, head_mask, past_key_values, inputs_embeds, use_cache,
+                                 output_attentions, output_hidden_states, True, position_ids)
+        h = out.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy in fp32: position t predicts labels[t + 1]; -100 is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must be (batch, seq) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
+    return F.cross_entropy(shift_logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+
+
+class OPTForSequenceClassification(OPTPreTrainedModel):
+    """OPT with a linear classifier on the last non-padding token of each row (left or right padding).
+
+    The loss follows `config.problem_type`, chosen on first use as transformers chooses it: regression for
+    one label, single-label cross entropy for integer labels, multi-label BCE otherwise.
+
+    Example:
+        >>> import torch
+        >>> from optlite import OPTConfig, OPTForSequenceClassification
+        >>> model = OPTForSequenceClassification(OPTConfig.from_preset("opt-tiny", num_labels=3)).eval()
+        >>> out = model(torch.tensor([[2, 31414, 6, 1], [2, 250, 1345, 9]]), labels=torch.tensor([0, 2]))
+        >>> out.logits.shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, config: OPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = OPTModel(config)
+        self.score = nn.Linear(config.word_embed_proj_dim, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ValueError("batches of more than one row need config.pad_token_id to find each row's last token")
+        out = self.model.decoder(input_ids, attention_mask, head_mask, past_key_values, inputs_embeds, use_cache,
+                                 output_attentions, output_hidden_states, True, position_ids)
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        if pad is not None and input_ids is not None:
+            # The rightmost token that is not padding, so left and right padding both work.
+            not_pad = (input_ids != pad).to(logits.device, torch.int32)
+            last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * not_pad).argmax(-1)
+        else:
+            if inputs_embeds is not None and pad is not None:
+                logger.warning("with inputs_embeds padding cannot be detected; pooling the last position of each row")
+            last = -1
+        pooled = logits[torch.arange(batch, device=logits.device), last]  # (B, num_labels)
+        loss = self._loss(pooled, labels) if labels is not None else None
+        result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(logits.device)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze())
+            return F.mse_loss(logits, labels)
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class OPTForQuestionAnswering(OPTPreTrainedModel):
+    """OPT with a span head: a start and an end logit per token (extractive QA, SQuAD style).
+
+    Example:
+        >>> import torch
+        >>> from optlite import OPTConfig, OPTForQuestionAnswering
+        >>> model = OPTForQuestionAnswering(OPTConfig.from_preset("opt-tiny")).eval()
+        >>> out = model(torch.tensor([[2, 31414, 6, 127]]), start_positions=torch.tensor([1]),
+        ...             end_positions=torch.tensor([2]))
+        >>> out.start_logits.shape, out.end_logits.shape
+        (torch.Size([1, 4]), torch.Size([1, 4]))
+    """
+
+    def __init__(self, config: OPTConfig):
+        super().__init__(config)
+        self.model = OPTModel(config)
+        self.qa_outputs = nn.Linear(config.word_embed_proj_dim, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> QuestionAnsweringModelOutput | tuple:
+        """Positions outside the sequence are clamped to its length and ignored by the loss, as in transformers."""
+        out = self.model.decoder(input_ids, attention_mask, head_mask, past_key_values, inputs_embeds, use_cache,
+                                 output_attentions, output_hidden_states, True, position_ids)
+        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # 2 x (B, T)
+        start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]
+            start = start_positions.reshape(-1).clamp(0, ignored).to(start_logits.device)
+            end = end_positions.reshape(-1).clamp(0, ignored).to(end_logits.device)
+            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
+                    + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+        result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()

@@ -1,0 +1,418 @@
+"""The OPT decoder in data-flow order: positions, masks, attention, decoder layer, decoder stack, OPTModel.
+
+Shapes: B batch, T new tokens, S keys (cached + new), C hidden_size, P word_embed_proj_dim, H heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .activations import ACTIVATIONS
+from .cache import DynamicCache, as_cache
+from .config import OPTConfig
+from .outputs import BaseModelOutputWithPast
+
+logger = logging.getLogger(__name__)
+
+
+class OPTLearnedPositionalEmbedding(nn.Embedding):
+    """Learned positions. OPT keeps fairseq's offset: position p is row p + 2 of a (max_positions + 2)-row table."""
+
+    offset = 2
+
+    def __init__(self, num_positions: int, embedding_dim: int):
+        super().__init__(num_positions + self.offset, embedding_dim)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(position_ids + self.offset)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor | None, past_len: int, q_len: int,
+                           device: torch.device) -> torch.Tensor:
+    """Positions count only attended tokens, so a left-padded row starts at 0 after its pads (pads get -1)."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + q_len, device=device).unsqueeze(0)  # (1, T)
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) * mask - 1)[:, past_len:]  # (B, T)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int,
+                         dtype: torch.dtype, device: torch.device, eager: bool) -> torch.Tensor | None:
+    """The mask the attention kernels take: None when SDPA's own causal flag suffices, else a boolean
+    (B, 1, T, S) mask for SDPA, or an additive float mask for the eager path. Masked scores get
+    finfo(dtype).min, never -inf, so a fully masked row (a left pad) gives no NaN."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not eager and not padded and (q_len == 1 or past_len == 0):
+        return None
+    q_pos = torch.arange(past_len, past_len + q_len, device=device)
+    k_pos = torch.arange(past_len + q_len, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+    if padded:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    if not eager:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class OPTAttention(nn.Module):
+    """Multi-head self-attention with OPT's pre-scaled query."""
+
+    def __init__(self, config: OPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        c, bias = config.hidden_size, config.enable_bias
+        self.k_proj = nn.Linear(c, c, bias=bias)
+        self.v_proj = nn.Linear(c, c, bias=bias)
+        self.q_proj = nn.Linear(c, c, bias=bias)
+        self.out_proj = nn.Linear(c, c, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache | None,
+                head_mask: torch.Tensor | None = None, eager: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = hidden_states.shape
+        H, D = self.num_heads, self.head_dim
+        # OPT scales the query (bias included) right after q_proj; the scores are then left unscaled (scale=1).
+        q = (self.q_proj(hidden_states) * self.scaling).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = self.v_proj(hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, H, S, D)
+        p = self.dropout if self.training else 0.0
+        if eager:
+            scores = q @ k.transpose(-1, -2)  # (B, H, T, S)
+            if mask is not None:
+                scores = scores + mask
+            weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in fp32, as OPT does
+            if head_mask is not None:
+                weights = weights * head_mask.view(1, -1, 1, 1)
+            out = F.dropout(weights, p=p, training=self.training) @ v  # (B, H, T, D)
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                 is_causal=mask is None and T > 1, scale=1.0)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out_proj(out), weights
+
+
+class OPTDecoderLayer(nn.Module):
+    """Attention then feed-forward, each with a residual. Pre-LN for every size except 350m, which is post-LN."""
+
+    def __init__(self, config: OPTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = OPTAttention(config, layer_idx)
+        self.do_layer_norm_before = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.act = ACTIVATIONS[config.activation_function]
+        affine, c = config.layer_norm_elementwise_affine, config.hidden_size
+        self.self_attn_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
+        self.fc1 = nn.Linear(c, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, c, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache | None,
+                head_mask: torch.Tensor | None = None, eager: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pre = self.do_layer_norm_before
+        a, weights = self.self_attn(self.self_attn_layer_norm(h) if pre else h, mask, cache, head_mask, eager)
+        h = h + F.dropout(a, p=self.dropout, training=self.training)
+        if not pre:
+            h = self.self_attn_layer_norm(h)  # 350m: LayerNorm after the residual
+        f = self.fc2(self.act(self.fc1(self.final_layer_norm(h) if pre else h)))
+        h = h + F.dropout(f, p=self.dropout, training=self.training)
+        if not pre:
+            h = self.final_layer_norm(h)
+        return h, weights
+
+
+class OPTPreTrainedModel(nn.Module):
+    """What every OPT class shares: weight init, embeddings access, gradient checkpointing, loading and saving."""
+
+    config_class = OPTConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["OPTDecoderLayer"]  # accelerate's device_map never splits a layer
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        if not isinstance(config, OPTConfig):
+            raise TypeError(f"{type(self).__name__} needs an OPTConfig, got {type(config).__name__}")
+        self.config = config
+
+    @property
+    def decoder_stack(self) -> OPTDecoder:
+        return self.decoder if isinstance(self, OPTModel) else self.model.decoder
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ---- weights ----
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def post_init(self) -> None:
+        """Initialise every weight as transformers does, then tie the output embedding to the input one."""
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder_stack.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder_stack.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return None
+
+    def tie_weights(self) -> None:
+        """Share the input embedding matrix with the LM head when the config ties them (all OPT checkpoints do)."""
+        head = self.get_output_embeddings()
+        if head is not None and self.config.tie_word_embeddings:
+            head.weight = self.get_input_embeddings().weight
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None,
+                                pad_to_multiple_of: int | None = None) -> nn.Embedding:
+        """Grow or shrink the vocabulary. Kept rows are unchanged; new rows start at the mean of the old ones
+        (as transformers' default mean-resizing does in expectation), so new tokens start with average logits.
+
+        Example:
+            >>> from optlite import OPTConfig, OPTForCausalLM
+            >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny"))
+            >>> model.resize_token_embeddings(50300).weight.shape, model.lm_head.weight.shape
+            (torch.Size([50300, 64]), torch.Size([50300, 64]))
+        """
+        old = self.get_input_embeddings()
+        n = new_num_tokens if new_num_tokens is not None else old.num_embeddings
+        if pad_to_multiple_of is not None:
+            n = math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
+        if n < 1:
+            raise ValueError(f"new_num_tokens must be positive, got {n}")
+        if old.padding_idx is not None and old.padding_idx >= n:
+            raise ValueError(f"new_num_tokens={n} would drop the padding row {old.padding_idx}")
+        self.set_input_embeddings(_resized_rows(old, n))
+        self.config.vocab_size = n
+        head = self.get_output_embeddings()
+        if head is not None:
+            if self.config.tie_word_embeddings:
+                self.tie_weights()
+            else:
+                new_head = nn.Linear(head.in_features, n, bias=False, device=head.weight.device,
+                                     dtype=head.weight.dtype)
+                new_head.weight = _resized_rows(head, n).weight
+                self.lm_head = new_head
+        return self.get_input_embeddings()
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count, tied weights counted once (opt-125m: 125,239,296)."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(self.get_input_embeddings().weight), id(self.decoder_stack.embed_positions.weight)}
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+
+    # ---- gradient checkpointing ----
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each decoder layer in the backward pass instead of storing its activations."""
+        self.decoder_stack.gradient_checkpointing = True
+        self.decoder_stack.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.decoder_stack.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.decoder_stack.gradient_checkpointing
+
+
+def _resized_rows(old: nn.Embedding | nn.Linear, n: int) -> nn.Embedding:
+    weight = old.weight
+    new = nn.Embedding(n, weight.shape[1], padding_idx=getattr(old, "padding_idx", None), device=weight.device,
+                       dtype=weight.dtype)
+    keep = min(n, weight.shape[0])
+    with torch.no_grad():
+        new.weight[:keep] = weight[:keep]
+        if n > keep:
+            new.weight[keep:] = weight.float().mean(0).to(weight.dtype)
+    return new
+
+
+class OPTDecoder(nn.Module):
+    """Embeddings, the stack of decoder layers, and the final LayerNorm / projection."""
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        self.layerdrop = config.layerdrop
+        self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict[str, Any] = {"use_reentrant": False}
+        c, p = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, p, config.pad_token_id)
+        self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, c)
+        # 350m embeds words in 512 dims and projects to and from the 1024-wide stack.
+        self.project_out = nn.Linear(c, p, bias=False) if p != c else None
+        self.project_in = nn.Linear(p, c, bias=False) if p != c else None
+        affine = config.layer_norm_elementwise_affine
+        self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine) if config.has_final_layer_norm else None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            input_ids = input_ids.view(-1, input_ids.shape[-1])  # (B, T)
+            self._check_token_ids(input_ids)
+            batch, q_len = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.word_embed_proj_dim:
+                raise ValueError(f"inputs_embeds must be (batch, seq, {cfg.word_embed_proj_dim}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            batch, q_len = inputs_embeds.shape[:2]
+        if use_cache is None:
+            use_cache = cfg.use_cache and not self.training
+        if use_cache and self.gradient_checkpointing and self.training:
+            logger.warning("use_cache=True is incompatible with gradient checkpointing in training; turning it off")
+            use_cache = False
+        cache = as_cache(past_key_values, len(self.layers))
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if past_len + q_len > cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {past_len + q_len} tokens ({past_len} cached + {q_len} new) is longer "
+                             f"than max_position_embeddings={cfg.max_position_embeddings}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_len + q_len):
+            raise ValueError(f"attention_mask must be (batch, cached + new tokens) = ({batch}, {past_len + q_len}), "
+                             f"got {tuple(attention_mask.shape)}")
+        if head_mask is not None:
+            head_mask = self._expand_head_mask(head_mask)
+        output_attentions = bool(output_attentions)
+        eager = output_attentions or head_mask is not None  # SDPA returns no weights and takes no head mask
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, P)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, past_len, q_len, inputs_embeds.device)
+        if self.project_in is not None:
+            inputs_embeds = self.project_in(inputs_embeds)  # (B, T, C)
+        h = inputs_embeds + self.embed_positions(position_ids)  # (B, T, C)
+        mask = build_attention_mask(attention_mask, batch, q_len, past_len, h.dtype, h.device, eager)
+
+        all_hidden = [] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        for i, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(h)
+            # LayerDrop: in training, skip each layer with probability `layerdrop`.
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            layer_head_mask = head_mask[i] if head_mask is not None else None
+            if self.gradient_checkpointing and self.training:
+                h, weights = checkpoint(layer, h, mask, cache, layer_head_mask, eager, **self.checkpoint_kwargs)
+            else:
+                h, weights = layer(h, mask, cache, layer_head_mask, eager)
+            if all_attn is not None:
+                all_attn.append(weights)
+        if self.final_layer_norm is not None:
+            h = self.final_layer_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)  # (B, T, P)
+        if all_hidden is not None:
+            all_hidden.append(h)
+
+        out = BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attn) if all_attn is not None else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(input_ids)
+            if bool((lo < 0) | (hi >= self.config.vocab_size)):
+                raise ValueError(f"input_ids hold ids in [{int(lo)}, {int(hi)}] but the vocabulary has "
+                                 f"{self.config.vocab_size} ids (0 … {self.config.vocab_size - 1})")
+
+    def _expand_head_mask(self, head_mask: torch.Tensor) -> torch.Tensor:
+        n_layers, n_heads = len(self.layers), self.config.num_attention_heads
+        if head_mask.shape == (n_heads,):
+            head_mask = head_mask.expand(n_layers, n_heads)
+        if head_mask.shape != (n_layers, n_heads):
+            raise ValueError(f"head_mask must be ({n_heads},) or ({n_layers}, {n_heads}), got {tuple(head_mask.shape)}")
+        return head_mask
+
+
+class OPTModel(OPTPreTrainedModel):
+    """The bare OPT decoder, returning the last hidden state (word_embed_proj_dim wide: 512 for opt-350m).
+
+    Example:
+        >>> import torch
+        >>> from optlite import OPTConfig, OPTModel
+        >>> model = OPTModel(OPTConfig.from_preset("opt-tiny")).eval()
+        >>> model(torch.tensor([[2, 31414, 232]])).last_hidden_state.shape
+        torch.Size([1, 3, 64])
+    """
+
+    def __init__(self, config: OPTConfig):
+        super().__init__(config)
+        self.decoder = OPTDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        return self.decoder(input_ids, attention_mask, head_mask, past_key_values, inputs_embeds, use_cache,
+                            output_attentions, output_hidden_states, return_dict, position_ids)
