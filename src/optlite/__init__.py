@@ -4,10 +4,12 @@ from .cache import DynamicCache
 from .config import OPTConfig
 from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from .modeling import OPTModel, OPTPreTrainedModel
+from .tokenizer import BatchEncoding, OPTTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchEncoding",
     "DynamicCache",
     "OPTConfig",
     "OPTForCausalLM",
@@ -15,4 +17,5 @@ __all__ = [
     "OPTForSequenceClassification",
     "OPTModel",
     "OPTPreTrainedModel",
+    "OPTTokenizer",
 ]

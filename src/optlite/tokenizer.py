@@ -1,0 +1,673 @@
+"""OPTTokenizer: GPT-2 byte-level BPE with OPT's conventions, on the Rust `tokenizers` library.
+
+OPT uses the GPT-2 merges with the fairseq id order (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3),
+bos = eos = unk = `</s>`, pad = `<pad>`, prepends exactly one `</s>`, appends nothing and adds no
+prefix space. Calls, outputs and saved files follow `transformers`' tokenizers, so
+`AutoTokenizer.from_pretrained` reads what `save_pretrained` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from .hub import resolve_file
+
+# The special-token layout of every OPT checkpoint (and of tokenizers made by `OPTTokenizer.train`).
+OPT_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+_DEFAULT_NAMED = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
+_NAMED_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
+_PADDING = {
+    False: None,
+    "do_not_pad": None,
+    True: "longest",
+    "longest": "longest",
+    "max_length": "max_length",
+}
+_TRUNCATION = {
+    False: None,
+    "do_not_truncate": None,
+    True: "longest_first",
+    "longest_first": "longest_first",
+    "only_first": "only_first",
+    "only_second": "only_second",
+}
+_HUGE = int(1e29)  # transformers stores "no limit" as model_max_length = int(1e30)
+
+TokenSpec = str | AddedToken
+
+
+class BatchEncoding(dict):
+    """The result of a tokenizer call: a dict with attribute access (`enc.input_ids`) and `.to(device)`.
+
+    Example:
+        >>> enc = tok(["Hello", "a longer text"], padding=True, return_tensors="pt")  # doctest: +SKIP
+        >>> model(**enc.to("cuda"))  # doctest: +SKIP
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: str | torch.device) -> BatchEncoding:
+        """Move every tensor to `device` (in place, like transformers) and return self."""
+        for key, value in self.items():
+            if isinstance(value, torch.Tensor):
+                self[key] = value.to(device)
+        return self
+
+
+class OPTTokenizer:
+    """The OPT tokenizer (GPT-2 byte-level BPE, one `</s>` prepended), compatible with transformers'.
+
+    Example:
+        >>> tok = OPTTokenizer.from_pretrained("facebook/opt-125m")  # doctest: +SKIP
+        >>> tok("Hello, my dog is cute").input_ids  # doctest: +SKIP
+        [2, 31414, 6, 127, 2335, 16, 11962]
+        >>> tok(["Hi", "Hello there"], padding=True, return_tensors="pt").attention_mask  # doctest: +SKIP
+        tensor([[1, 1, 0], [1, 1, 1]])
+        >>> tok.decode([2, 31414, 6], skip_special_tokens=True)  # doctest: +SKIP
+        'Hello,'
+
+    As in transformers, each call sets its padding/truncation on the shared Rust tokenizer: don't
+    call one instance from several threads with different padding options at once.
+    """
+
+    def __init__(
+        self,
+        backend: Tokenizer,
+        *,
+        bos_token: TokenSpec = "</s>",
+        eos_token: TokenSpec = "</s>",
+        unk_token: TokenSpec = "</s>",
+        pad_token: TokenSpec = "<pad>",
+        mask_token: TokenSpec | None = None,
+        additional_special_tokens: Sequence[TokenSpec] = (),
+        add_bos_token: bool | None = True,
+        add_eos_token: bool | None = False,
+        padding_side: str = "right",
+        truncation_side: str = "right",
+        model_max_length: int | None = None,
+        clean_up_tokenization_spaces: bool = False,
+        name_or_path: str = "",
+    ) -> None:
+        self._backend = backend
+        named = {
+            "bos_token": bos_token,
+            "eos_token": eos_token,
+            "unk_token": unk_token,
+            "pad_token": pad_token,
+            "mask_token": mask_token,
+        }
+        # Like transformers: the named special tokens become atomic added tokens; other vocab
+        # entries such as OPT's `<s>`, `<unk>`, `<mask>` stay ordinary BPE pieces inside text.
+        specials = [t for t in (*named.values(), *additional_special_tokens) if t is not None]
+        added = {str(t) for t in backend.get_added_tokens_decoder().values()}
+        backend.add_special_tokens([_added(t) for t in specials if str(t) not in added])
+        for key, value in named.items():
+            setattr(self, key, None if value is None else str(value))
+        self.additional_special_tokens = [str(t) for t in additional_special_tokens]
+        self._special_flags = {str(t): t for t in specials if isinstance(t, AddedToken)}
+        self.add_bos_token: bool | None = None  # None: keep the post-processor of a loaded tokenizer.json
+        self.add_eos_token: bool | None = None
+        if backend.post_processor is None or add_bos_token is not None or add_eos_token is not None:
+            self.add_bos_token, self.add_eos_token = bool(add_bos_token), bool(add_eos_token)
+            self._set_post_processor(self.add_bos_token, self.add_eos_token)
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.model_max_length = model_max_length if model_max_length and model_max_length < _HUGE else None
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.name_or_path = name_or_path
+        # Per-call padding/truncation is set on the Rust side; start from a clean state.
+        backend.no_padding()
+        backend.no_truncation()
+
+    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        # Same template as transformers' GPT2Tokenizer(add_bos_token=True): "</s> A" and "</s> A </s> B".
+        bos, eos = self.bos_token, self.eos_token
+        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+        ids = {
+            tok: self._backend.token_to_id(tok)
+            for tok in (bos if add_bos else None, eos if add_eos else None)
+            if tok is not None
+        }
+        self._backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=list(ids.items())
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        **overrides: Any,
+    ) -> OPTTokenizer:
+        """Load from a local directory or a hub repo id (`tokenizer.json`, else `vocab.json` + `merges.txt`).
+
+        `overrides` replace settings read from `tokenizer_config.json` (e.g. `padding_side="left"`).
+
+        Example:
+            >>> tok = OPTTokenizer.from_pretrained("facebook/opt-350m", padding_side="left")  # doctest: +SKIP
+        """
+
+        def find(filename: str, required: bool = False) -> Path | None:
+            return resolve_file(
+                name_or_path,
+                filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+                required=required,
+            )
+
+        config = _read_json(find("tokenizer_config.json"))
+        config.update(_read_json(find("special_tokens_map.json")))  # as in transformers, the map wins
+        tokenizer_json = find("tokenizer.json")
+        if tokenizer_json is not None:
+            backend = Tokenizer.from_file(str(tokenizer_json))
+            flags = {k: config.get(k) for k in ("add_bos_token", "add_eos_token")}  # None: keep the file's
+        else:
+            model = models.BPE.from_file(
+                str(find("vocab.json", True)), str(find("merges.txt", True)), **_BPE_ARGS
+            )
+            backend = _byte_level(model, add_prefix_space=bool(config.get("add_prefix_space", False)))
+            flags = {
+                "add_bos_token": config.get("add_bos_token", True),
+                "add_eos_token": config.get("add_eos_token"),
+            }
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        for entry in (config.get("added_tokens_decoder") or {}).values():  # tokens added after training
+            token_obj = _added(entry)
+            if token_obj.content not in added:
+                (backend.add_special_tokens if token_obj.special else backend.add_tokens)([token_obj])
+        kwargs: dict[str, Any] = {key: _token(config[key]) for key in _NAMED_KEYS if key in config}
+        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+        kwargs["additional_special_tokens"] = [_token(t) for t in extra] if isinstance(extra, list) else []
+        for key in ("padding_side", "truncation_side", "model_max_length", "clean_up_tokenization_spaces"):
+            if key in config:
+                kwargs[key] = config[key]
+        kwargs.update(flags)
+        kwargs.update(overrides)
+        return cls(backend, name_or_path=str(name_or_path), **{**_DEFAULT_NAMED, **kwargs})
+
+    @classmethod
+    def train(
+        cls,
+        files_or_iterator: str | os.PathLike | Iterable[str],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+        **kwargs: Any,
+    ) -> OPTTokenizer:
+        """Train a new byte-level BPE with OPT's layout (ids 0-3 = `<s>`, `<pad>`, `</s>`, `<unk>`).
+
+        `files_or_iterator` is a file path, a list of file paths, or an iterable of texts.
+        `kwargs` go to `OPTTokenizer(...)` (e.g. `padding_side`).
+
+        Example:
+            >>> tok = OPTTokenizer.train(["some text", "more text"], vocab_size=300)
+            >>> tok.convert_ids_to_tokens([0, 1, 2, 3])
+            ['<s>', '<pad>', '</s>', '<unk>']
+        """
+        if not isinstance(vocab_size, int) or vocab_size < len(OPT_SPECIAL_TOKENS) + 256:
+            raise ValueError(
+                f"vocab_size must be an int >= 260 (4 special tokens + 256 bytes), got {vocab_size!r}"
+            )
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=show_progress,
+            special_tokens=list(OPT_SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        scratch = _byte_level(models.BPE(**_BPE_ARGS))
+        files = _as_files(files_or_iterator)
+        if files is not None:
+            scratch.train([str(f) for f in files], trainer)
+        else:
+            scratch.train_from_iterator(files_or_iterator, trainer)
+        # Rebuild from the learned vocab/merges so the result is exactly what loading vocab.json +
+        # merges.txt gives (the trainer would make `<s>`/`<unk>` atomic; OPT files do not).
+        learned = json.loads(scratch.to_str())["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+        backend = _byte_level(models.BPE(vocab=learned["vocab"], merges=merges, **_BPE_ARGS))
+        return cls(backend, **{**_DEFAULT_NAMED, **kwargs})
+
+    # ------------------------------------------------------------------ encoding
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        text_pair: str | Sequence[str] | None = None,
+        *,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        return_attention_mask: bool = True,
+    ) -> BatchEncoding:
+        """Tokenize one text or a batch, transformers-style: `input_ids` and `attention_mask`.
+
+        `padding`: False, True / "longest", or "max_length" (needs `max_length`). `truncation`: True
+        (= "longest_first"), False, "only_first", "only_second"; None truncates only when `max_length`
+        is given without padding (transformers' rule). `return_tensors="pt"` gives `torch.long` tensors.
+
+        Example:
+            >>> enc = tok(["Hi", "Hello there"], padding=True, padding_side="left")  # doctest: +SKIP
+            >>> enc.input_ids  # doctest: +SKIP
+            [[1, 2, 30086], [2, 31414, 89]]
+        """
+        single = isinstance(text, str)
+        texts = _check_texts(text, "text")
+        if text_pair is not None:
+            pairs = _check_texts(text_pair, "text_pair")
+            if isinstance(text_pair, str) != single or len(pairs) != len(texts):
+                raise ValueError(
+                    f"text_pair must match text: got {len(pairs)} pair(s) for {len(texts)} text(s)"
+                )
+            inputs: list = list(zip(texts, pairs, strict=True))
+        else:
+            inputs = texts
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        self._configure(padding, truncation, max_length, pad_to_multiple_of, padding_side)
+        encodings = self._backend.encode_batch_fast(inputs, add_special_tokens=add_special_tokens)
+        out = BatchEncoding(input_ids=[e.ids for e in encodings])
+        if return_attention_mask:
+            out["attention_mask"] = [e.attention_mask for e in encodings]
+        for key, rows in out.items():
+            if return_tensors == "pt":
+                out[key] = _to_tensor(rows, key)
+            elif single:
+                out[key] = rows[0]
+        return out
+
+    def encode(
+        self,
+        text: str,
+        text_pair: str | None = None,
+        *,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+    ) -> list[int] | torch.Tensor:
+        """Ids of one text (a `(1, T)` tensor with `return_tensors="pt"`).
+
+        Example:
+            >>> tok.encode("This is a test")  # doctest: +SKIP
+            [2, 713, 16, 10, 1296]
+        """
+        if not isinstance(text, str):
+            raise TypeError(
+                f"encode takes one string, got {type(text).__name__}; call the tokenizer for batches"
+            )
+        return self(
+            text,
+            text_pair,
+            add_special_tokens=add_special_tokens,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_tensors=return_tensors,
+            return_attention_mask=False,
+        )["input_ids"]
+
+    def _configure(self, padding: Any, truncation: Any, max_length: Any, multiple: Any, side: Any) -> None:
+        """Validate the call's options and set them on the Rust tokenizer (only when they change)."""
+        if not (isinstance(padding, (bool, str)) and padding in _PADDING):
+            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+        if truncation is not None and not (isinstance(truncation, (bool, str)) and truncation in _TRUNCATION):
+            raise ValueError(
+                f"truncation must be a bool, 'longest_first', 'only_first' or 'only_second', "
+                f"got {truncation!r}"
+            )
+        for name, value in (("max_length", max_length), ("pad_to_multiple_of", multiple)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        side = self.padding_side if side is None else side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        pad_mode = _PADDING[padding]
+        if truncation is None:  # transformers: max_length alone (no padding) switches truncation on
+            truncation = max_length is not None and pad_mode is None
+        strategy = _TRUNCATION[truncation]
+        if max_length is None and (strategy or pad_mode == "max_length"):
+            max_length = self.model_max_length
+            if max_length is None and pad_mode == "max_length":
+                raise ValueError(
+                    "padding='max_length' needs max_length (this tokenizer has no model_max_length)"
+                )
+        if strategy and pad_mode and multiple and max_length and max_length % multiple:
+            raise ValueError(
+                f"max_length ({max_length}) must be a multiple of pad_to_multiple_of ({multiple})"
+            )
+        if pad_mode == "longest" and strategy is None:
+            max_length = None  # transformers ignores max_length for padding=True without truncation
+
+        backend = self._backend
+        want_trunc = None
+        if strategy and max_length is not None:
+            want_trunc = {
+                "max_length": max_length,
+                "stride": 0,
+                "strategy": strategy,
+                "direction": self.truncation_side,
+            }
+        if backend.truncation != want_trunc:
+            if want_trunc is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**want_trunc)
+        want_pad = None
+        if pad_mode is not None:
+            if self.pad_token_id is None:
+                raise ValueError("padding needs a pad_token, and this tokenizer has none")
+            want_pad = {
+                "length": max_length if pad_mode == "max_length" else None,
+                "pad_to_multiple_of": multiple,
+                "pad_id": self.pad_token_id,
+                "pad_token": self.pad_token,
+                "pad_type_id": 0,
+                "direction": side,
+            }
+        if backend.padding != want_pad:
+            if want_pad is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**want_pad)
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(
+        self,
+        token_ids: int | Sequence[int] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
+        """Text of one sequence of ids (list, tuple or 1-D tensor).
+
+        `clean_up_tokenization_spaces` defaults to the tokenizer's setting (False for OPT, as in
+        transformers 5); True applies the classic " ." -> "." clean-up.
+
+        Example:
+            >>> tok.decode([2, 31414, 6, 127, 2335, 16, 11962], skip_special_tokens=True)  # doctest: +SKIP
+            'Hello, my dog is cute'
+        """
+        ids = _id_list(token_ids)
+        ids = [ids] if isinstance(ids, int) else ids
+        if ids and not isinstance(ids[0], int):
+            raise ValueError("decode takes one sequence of ids; use batch_decode for several")
+        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._clean(text, clean_up_tokenization_spaces)
+
+    def batch_decode(
+        self,
+        sequences: Sequence[Sequence[int]] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[str]:
+        """Texts of several sequences of ids (list of lists or 2-D tensor).
+
+        Example:
+            >>> tok.batch_decode(tok(["Hi", "Hello there"], padding=True).input_ids,
+            ...                  skip_special_tokens=True)  # doctest: +SKIP
+            ['Hi', 'Hello there']
+        """
+        rows = [_id_list(row) for row in _id_list(sequences)]
+        texts = self._backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        return [self._clean(t, clean_up_tokenization_spaces) for t in texts]
+
+    def _clean(self, text: str, clean_up: bool | None) -> str:
+        if not (self.clean_up_tokenization_spaces if clean_up is None else clean_up):
+            return text
+        text = text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",")
+        text = text.replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
+        return text.replace(" 've", "'ve").replace(" 're", "'re")  # transformers' clean_up_tokenization
+
+    # ------------------------------------------------------------------ vocabulary
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """Id of a token (or of each token); unknown tokens map to `unk_token_id`, as in transformers."""
+        if isinstance(tokens, str):
+            found = self._backend.token_to_id(tokens)
+            return self.unk_token_id if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(
+        self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False
+    ) -> str | list[str]:
+        """Token string of an id (or of each id), e.g. `5 -> "Ġthe"`."""
+        ids = _id_list(ids)
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._backend.id_to_token(i) for i in ids if i not in skip]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token -> id for the whole vocabulary, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the BPE vocabulary without added tokens (50265 for OPT)."""
+        return self._backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend_tokenizer(self) -> Tokenizer:
+        """The underlying `tokenizers.Tokenizer` (same name as in transformers)."""
+        return self._backend
+
+    bos_token_id = property(lambda self: self._id_of(self.bos_token))
+    eos_token_id = property(lambda self: self._id_of(self.eos_token))
+    unk_token_id = property(lambda self: self._id_of(self.unk_token))
+    pad_token_id = property(lambda self: self._id_of(self.pad_token))
+    mask_token_id = property(lambda self: self._id_of(self.mask_token))
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """The named special tokens plus additional ones, without repeats (OPT: `['</s>', '<pad>']`)."""
+        named = [getattr(self, key) for key in _NAMED_KEYS] + self.additional_special_tokens
+        return list(dict.fromkeys(t for t in named if t is not None))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self._backend.token_to_id(t) for t in self.all_special_tokens]
+
+    def __repr__(self) -> str:
+        return (
+            f"OPTTokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+            f"bos/eos={self.bos_token!r}, pad={self.pad_token!r}, padding_side={self.padding_side!r})"
+        )
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> list[Path]:
+        """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json.
+
+        transformers' `AutoTokenizer.from_pretrained(save_directory)` reads the result back identically.
+
+        Example:
+            >>> tok.save_pretrained("my-tokenizer")  # doctest: +SKIP
+        """
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        self._backend.no_padding()  # per-call settings must not end up in tokenizer.json
+        self._backend.no_truncation()
+        named = {key: self._token_entry(getattr(self, key)) for key in _NAMED_KEYS if getattr(self, key)}
+        if self.additional_special_tokens:
+            named["additional_special_tokens"] = [
+                self._token_entry(t) for t in self.additional_special_tokens
+            ]
+        config: dict[str, Any] = {
+            "tokenizer_class": "GPT2Tokenizer",  # transformers' class for OPT; no config.json needed
+            "add_prefix_space": False,
+            "errors": "replace",
+            **({} if self.add_bos_token is None else {"add_bos_token": self.add_bos_token}),
+            **({} if self.add_eos_token is None else {"add_eos_token": self.add_eos_token}),
+            **{
+                key: value["content"] if isinstance(value, dict) else [t["content"] for t in value]
+                for key, value in named.items()
+            },  # plain strings: their flags are in added_tokens_decoder
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+            **({"model_max_length": self.model_max_length} if self.model_max_length else {}),
+            "added_tokens_decoder": {
+                str(i): {**self._token_entry(t.content, t), "special": t.special}
+                for i, t in sorted(self._backend.get_added_tokens_decoder().items())
+            },
+        }
+        scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target))  # write everything, then rename
+        try:
+            self._backend.save(str(scratch / "tokenizer.json"))
+            self._backend.model.save(str(scratch))  # vocab.json + merges.txt
+            _write_json(scratch / "tokenizer_config.json", config)
+            _write_json(scratch / "special_tokens_map.json", named)
+            written = []
+            for name in (
+                "tokenizer.json",
+                "vocab.json",
+                "merges.txt",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ):
+                os.replace(scratch / name, target / name)
+                written.append(target / name)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return written
+
+    def _token_entry(self, content: str, token: AddedToken | None = None) -> dict[str, Any]:
+        token = (
+            token
+            or self._special_flags.get(content)
+            or self._backend.get_added_tokens_decoder().get(self._backend.token_to_id(content))
+            or AddedToken(content, special=True, normalized=True)
+        )
+        return {
+            "content": content,
+            "single_word": token.single_word,
+            "lstrip": token.lstrip,
+            "rstrip": token.rstrip,
+            "normalized": token.normalized,
+        }
+
+
+# ---------------------------------------------------------------------- helpers
+
+# transformers' GPT2Tokenizer builds its BPE with exactly these options.
+_BPE_ARGS: dict[str, Any] = {
+    "dropout": None,
+    "continuing_subword_prefix": "",
+    "end_of_word_suffix": "",
+    "fuse_unk": False,
+}
+
+
+def _byte_level(model: models.BPE, add_prefix_space: bool = False) -> Tokenizer:
+    backend = Tokenizer(model)
+    # OPT: add_prefix_space=False, so "Hello" at the start is one token without "Ġ".
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _added(spec: TokenSpec | dict) -> AddedToken:
+    """An AddedToken from a string, an AddedToken, or a config entry {"content": ..., "lstrip": ...}."""
+    if isinstance(spec, AddedToken):
+        return spec
+    if isinstance(spec, str):
+        return AddedToken(spec, special=True, normalized=True)
+    flags = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in spec}
+    return AddedToken(spec["content"], **{"special": True, **flags})
+
+
+def _token(value: Any) -> TokenSpec | None:
+    """A config value for a special token (string or dict) as the init argument (keeps its flags)."""
+    return _added(value) if isinstance(value, dict) else value
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _check_texts(text: Any, name: str) -> list[str]:
+    """The input as a list of strings; a clear TypeError naming the first bad item otherwise."""
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, (list, tuple)):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(text).__name__}")
+    for i, item in enumerate(text):
+        if not isinstance(item, str):
+            raise TypeError(f"{name}[{i}] is {type(item).__name__}, expected str")
+    return list(text)
+
+
+def _as_files(source: Any) -> list[str | os.PathLike] | None:
+    """File paths when `source` names files (a path, or a list of paths); None for an iterable of texts."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"training file {str(source)!r} not found (pass a list for texts)")
+        return [source]
+    if (
+        isinstance(source, (list, tuple))
+        and source
+        and all(isinstance(s, os.PathLike) or (isinstance(s, str) and os.path.isfile(s)) for s in source)
+    ):
+        return list(source)
+    return None
+
+
+def _id_list(ids: Any) -> Any:
+    """Tensors and numpy arrays to plain Python ints/lists (the Rust side wants lists)."""
+    return ids.tolist() if hasattr(ids, "tolist") else ids
+
+
+def _to_tensor(rows: list[list[int]], key: str) -> torch.Tensor:
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError(
+            f"cannot make one tensor of {key} with lengths {sorted({len(r) for r in rows})}: "
+            "pass padding=True (or truncation with max_length) to get equal lengths"
+        )
+    if not rows:
+        return torch.zeros((0, 0), dtype=torch.long)
+    try:  # numpy turns nested lists into an array ~3x faster than torch.tensor does
+        import numpy as np
+
+        return torch.from_numpy(np.array(rows, dtype=np.int64))
+    except ImportError:
+        return torch.tensor(rows, dtype=torch.long)
