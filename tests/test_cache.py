@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import batch, make_pair, record
 
-from optlite import DynamicCache
+from optlite import DynamicCache, StaticCache
 
 
 def decode_step_by_step(model, ids, mask, prompt_len, past=None, as_legacy=False):
@@ -88,3 +88,24 @@ def test_malformed_legacy_cache_is_refused():
         ours(ids, past_key_values=((k, k, k),) * 3)
     with pytest.raises(ValueError, match=r"past_key_values\[1\] key and value"):
         ours(ids, past_key_values=((k, k), (k, k[:, :, :1]), (k, k)))
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_static_cache_gives_the_dynamic_cache_logits(padding):
+    _, ours = make_pair("OPTForCausalLM", "post_ln_proj")
+    ids, mask = batch(padding)
+    with torch.no_grad():
+        dynamic, _ = decode_step_by_step(ours, ids, mask, prompt_len=3)
+        static, cache = decode_step_by_step(ours, ids, mask, prompt_len=3, past=StaticCache(ours.config, 3, 10))
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+    assert cache.get_seq_length() == 7 and cache.keys[0].shape == (3, 4, 10, 8)
+    assert [k.shape[-2] for k, _ in cache] == [7, 7, 7]
+
+
+def test_static_cache_refuses_overflow_and_oversize():
+    _, ours = make_pair("OPTForCausalLM", "pre_ln")
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=40"):
+        StaticCache(ours.config, 1, 41)
+    cache = StaticCache(ours.config, 1, 4)
+    with pytest.raises(ValueError, match="StaticCache holds 4 tokens; 5 were asked for"):
+        ours(torch.ones(1, 5, dtype=torch.long), past_key_values=cache)

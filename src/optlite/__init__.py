@@ -1,6 +1,6 @@
 """optlite: Meta's OPT language models in plain PyTorch, numerically identical to transformers' OPT."""
 
-from .cache import DynamicCache
+from .cache import DynamicCache, StaticCache
 from .config import OPTConfig
 from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from .modeling import OPTModel, OPTPreTrainedModel
@@ -18,4 +18,5 @@ __all__ = [
     "OPTModel",
     "OPTPreTrainedModel",
     "OPTTokenizer",
+    "StaticCache",
 ]

@@ -77,11 +77,69 @@ class DynamicCache:
         return iter(zip(self.keys, self.values, strict=True))
 
 
-def as_cache(past: DynamicCache | LegacyCache | None, num_layers: int) -> DynamicCache | None:
+class StaticCache:
+    """Keys and values preallocated for `max_cache_len` tokens: each step writes in place, so the cost of a
+    decoded token does not grow with copying the past (a DynamicCache re-allocates every layer every step).
+
+    `update` returns views of the filled part, so attention reads only the tokens seen so far.
+
+    Example:
+        >>> import torch
+        >>> from optlite import OPTConfig, OPTForCausalLM, StaticCache
+        >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval()
+        >>> cache = StaticCache(model.config, batch_size=1, max_cache_len=16)
+        >>> out = model(torch.tensor([[2, 100, 200]]), past_key_values=cache)
+        >>> out.past_key_values is cache, cache.get_seq_length()
+        (True, 3)
+    """
+
+    def __init__(self, config, batch_size: int, max_cache_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if max_cache_len > config.max_position_embeddings:
+            raise ValueError(f"max_cache_len={max_cache_len} exceeds max_position_embeddings="
+                             f"{config.max_position_embeddings}")
+        shape = (batch_size, config.num_attention_heads, max_cache_len, config.head_dim)
+        self.max_cache_len = max_cache_len
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.lengths = [0] * config.num_hidden_layers
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.lengths[layer_idx], self.lengths[layer_idx] + key.shape[-2]
+        if end > self.max_cache_len:
+            raise ValueError(f"StaticCache holds {self.max_cache_len} tokens; {end} were asked for")
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.lengths[0]
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        """Select batch rows in place (beam search); the buffers keep their size."""
+        for buf in (*self.keys, *self.values):
+            buf.copy_(buf.index_select(0, index.to(buf.device)))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.lengths[layer_idx]
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self[i] for i in range(len(self)))
+
+
+Cache = DynamicCache | StaticCache
+
+
+def as_cache(past: Cache | LegacyCache | None, num_layers: int) -> Cache | None:
     """Accept our cache or a legacy tuple; check it has one entry per decoder layer (or none yet)."""
     if past is None:
         return None
     cache = past if hasattr(past, "update") else DynamicCache.from_legacy_cache(past)
-    if len(cache) not in (0, num_layers):
+    if len(cache) not in (0, num_layers) or (isinstance(cache, StaticCache) and len(cache) != num_layers):
         raise ValueError(f"past_key_values holds {len(cache)} layers but the model has {num_layers} decoder layers")
     return cache
