@@ -76,9 +76,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy in fp32: position t predicts labels[t + 1]; -100 is ignored."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must be (batch, seq) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
-    return F.cross_entropy(shift_logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
+    targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]  # (B, T)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 class OPTForSequenceClassification(OPTPreTrainedModel):
