@@ -4,6 +4,7 @@ from .cache import DynamicCache, StaticCache
 from .config import OPTConfig
 from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from .modeling import OPTModel, OPTPreTrainedModel
+from .perplexity import perplexity
 from .tokenizer import BatchEncoding, OPTTokenizer
 
 __version__ = "0.1.0"
@@ -19,4 +20,5 @@ __all__ = [
     "OPTPreTrainedModel",
     "OPTTokenizer",
     "StaticCache",
+    "perplexity",
 ]
