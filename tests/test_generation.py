@@ -486,3 +486,18 @@ def test_unknown_or_misspelled_arguments_raise_type_error():
         ours.generate(ids, attention_mask=torch.ones(1, 3))
     # temperature 0 with greedy decoding is harmless: it is ignored, as in transformers
     assert ours.generate(ids, temperature=0.0, max_new_tokens=2).shape == (1, 9)
+
+
+def test_custom_logits_processors_and_generation_config_argument():
+    _, ours = pair("pre_ln")
+    ids, mask = prompts("batch")
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    banned = plain[0, 7].item()
+    ban = lambda input_ids, scores: scores.index_fill(1, torch.tensor([banned]), -float("inf"))  # noqa: E731
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, logits_processor=[ban])
+    assert not (out[:, 7:] == banned).any()
+    no_repeat = tlp.NoRepeatNGramLogitsProcessor(2)  # a transformers processor plugs in as is
+    a = ours.generate(ids, attention_mask=mask, max_new_tokens=6, logits_processor=[no_repeat])
+    assert torch.equal(a, ours.generate(ids, attention_mask=mask, max_new_tokens=6, no_repeat_ngram_size=2))
+    cfg = {"max_new_tokens": 3}  # a plain dict works as generation_config
+    assert ours.generate(ids, attention_mask=mask, generation_config=cfg).shape == (3, 10)

@@ -256,7 +256,7 @@ def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: f
 
     Example:
         >>> repetition_penalty(torch.tensor([[2.0, -1.0, 3.0]]), torch.tensor([[0, 1]]), 2.0)
-        tensor([[ 1.0000, -2.0000,  3.0000]])
+        tensor([[ 1., -2.,  3.]])
     """
     vocab = scores.shape[-1]
     if ignore_before is not None:
@@ -581,13 +581,13 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
         input_ids = input_ids.repeat_interleave(expand, dim=0)
         mask = mask.repeat_interleave(expand, dim=0) if mask is not None else None
     batch = input_ids.shape[0]
+    cache = _make_cache(model, batch, max_len, cfg.cache_implementation) if cfg.use_cache else None
     if streamer is not None:
         streamer.put(input_ids.cpu())
     eos = torch.tensor(eos_list, dtype=torch.long, device=device) if eos_list else None
     # transformers' repetition penalty skips the left padding of each row.
     ignore_before = mask.argmax(dim=1) if mask is not None and cfg.repetition_penalty != 1.0 else None
     processors = build_logits_processors(cfg, prompt_len, eos, ignore_before, logits_processor or ())
-    cache = _make_cache(model, batch, max_len, cfg.cache_implementation) if cfg.use_cache else None
 
     if mask is not None:  # one preallocated mask: each step attends to one more column of ones
         full_mask = torch.ones((batch, max_len), dtype=torch.long, device=device)
@@ -607,11 +607,12 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
 
 def _step_inputs(ids: torch.Tensor, cur: int, full_mask: torch.Tensor | None, positions: torch.Tensor,
                  cache: DynamicCache | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """What the model reads for the next token: only the newest token when a cache holds the rest."""
+    """What the model reads for the next token. `ids` are the `cur` tokens so far (B, cur) or, with a cache, may be
+    just the newest (B, 1): with a cache the model reads only that token, without one the whole sequence again."""
     mask = full_mask[:, :cur] if full_mask is not None else None
     if cache is None:
-        return ids[:, :cur], mask, None
-    return ids[:, cur - 1:cur], mask, positions
+        return ids, mask, None  # the model derives the positions from the mask
+    return ids[:, -1:], mask, positions
 
 
 def _sample(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | None, positions: torch.Tensor,
@@ -652,7 +653,7 @@ def _sample(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | None,
         if cur == max_len:
             break
         positions += 1
-        logits = _next_logits(model, *_step_inputs(ids, cur, full_mask, positions, cache), cache)
+        logits = _next_logits(model, *_step_inputs(ids[:, :cur], cur, full_mask, positions, cache), cache)
     if streamer is not None:
         streamer.end()
 
@@ -704,8 +705,8 @@ def _beam_search(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | 
         mask = full_mask[:, :cur] if full_mask is not None else None
         logits = _next_logits(model, input_ids, mask, None, cache)
     while cur < max_len:
-        flat = running[:, :, :cur].reshape(rows, cur)
-        log_probs = process_logits(processors, flat, F.log_softmax(logits, dim=-1))
+        history = running[:, :, :cur].reshape(rows, cur) if processors else None  # (B*K, T): a copy, so only if read
+        log_probs = process_logits(processors, history, F.log_softmax(logits, dim=-1))
         if keep_scores:
             scores_out.append(log_probs.clone())
         if keep_logits:
@@ -749,8 +750,9 @@ def _beam_search(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | 
         if done:
             break
         positions += 1
-        flat = running[:, :, :cur].reshape(rows, cur)
-        logits = _next_logits(model, *_step_inputs(flat, cur, full_mask, positions, cache), cache)
+        step_ids = running[:, :, cur - 1:cur] if cache is not None else running[:, :, :cur]
+        logits = _next_logits(model, *_step_inputs(step_ids.reshape(rows, -1), cur, full_mask, positions, cache),
+                              cache)
 
     n = cfg.num_return_sequences
     sequences = finished[:, :n].reshape(batch * n, max_len)
