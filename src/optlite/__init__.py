@@ -2,16 +2,20 @@
 
 from .cache import DynamicCache, StaticCache
 from .config import OPTConfig
+from .generation import GenerationConfig, generate_text
 from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from .modeling import OPTModel, OPTPreTrainedModel
 from .perplexity import perplexity
+from .streaming import BaseStreamer, TextIteratorStreamer, TextStreamer
 from .tokenizer import BatchEncoding, OPTTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseStreamer",
     "BatchEncoding",
     "DynamicCache",
+    "GenerationConfig",
     "OPTConfig",
     "OPTForCausalLM",
     "OPTForQuestionAnswering",
@@ -20,5 +24,8 @@ __all__ = [
     "OPTPreTrainedModel",
     "OPTTokenizer",
     "StaticCache",
+    "TextIteratorStreamer",
+    "TextStreamer",
+    "generate_text",
     "perplexity",
 ]

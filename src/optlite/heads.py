@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OPTConfig
+from .generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+from .generation import generate as _generate
 from .modeling import OPTModel, OPTPreTrainedModel
 from .outputs import CausalLMOutputWithPast, QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast
 
@@ -70,6 +72,26 @@ class OPTForCausalLM(OPTPreTrainedModel):
             loss = causal_lm_loss(logits, labels)
         result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
         return result if return_dict is not False else result.to_tuple()
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
+        """Continue the prompts: greedy decoding, sampling or beam search, token for token as transformers'
+        `generate`. Returns prompt + new tokens; the settings (max_new_tokens, do_sample, top_p, num_beams, ...)
+        and their defaults are those of `optlite.generation.generate`, which this calls.
+
+        Example:
+            >>> import torch
+            >>> from optlite import OPTConfig, OPTForCausalLM
+            >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval()
+            >>> prompt = torch.tensor([[2, 31414, 6, 127]])
+            >>> model.generate(prompt, max_new_tokens=5).shape  # greedy
+            torch.Size([1, 9])
+            >>> out = model.generate(prompt, max_new_tokens=5, do_sample=True, top_p=0.9,
+            ...                      generator=torch.Generator().manual_seed(0))
+            >>> model.generate(prompt, max_new_tokens=5, num_beams=3, num_return_sequences=2).shape[0]
+            2
+        """
+        return _generate(self, input_ids, attention_mask, **kwargs)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
