@@ -100,8 +100,9 @@ class StaticCache:
                              f"{config.max_position_embeddings}")
         shape = (batch_size, config.num_attention_heads, max_cache_len, config.head_dim)
         self.max_cache_len = max_cache_len
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        # Never read beyond what `update` wrote, so the buffers need no initialisation.
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.lengths = [0] * config.num_hidden_layers
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +119,9 @@ class StaticCache:
 
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Select batch rows in place (beam search); the buffers keep their size."""
-        for buf in (*self.keys, *self.values):
-            buf.copy_(buf.index_select(0, index.to(buf.device)))
+        for i, end in enumerate(self.lengths):
+            for buf in (self.keys[i], self.values[i]):
+                buf[:, :, :end] = buf[:, :, :end].index_select(0, index.to(buf.device))
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cache import DynamicCache
+from .cache import Cache, DynamicCache, StaticCache
 from .outputs import ModelOutput
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -479,15 +479,37 @@ class GenerateBeamDecoderOnlyOutput(ModelOutput):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _make_cache(model: Any, batch_size: int, max_length: int, cache_implementation: str | None) -> DynamicCache:
-    """The KV cache one generate call fills: the one place that decides its type."""
-    if cache_implementation in (None, "dynamic"):
+def _make_cache(model: Any, batch_size: int, max_length: int, cache_implementation: str | None) -> Cache:
+    """The KV cache one generate call fills: the one place that decides its type. The default is the static
+    cache: preallocated for prompt + new tokens, so no step copies the past (a dynamic cache re-allocates every
+    layer every step, and that cost grows with the context)."""
+    if cache_implementation in (None, "static"):
+        return StaticCache(model.config, batch_size, max_length, device=model.device, dtype=model.dtype)
+    if cache_implementation == "dynamic":
         return DynamicCache()
-    raise ValueError(f"cache_implementation must be None or 'dynamic', got {cache_implementation!r}")
+    raise ValueError(f"cache_implementation must be 'static' or 'dynamic', got {cache_implementation!r}")
+
+
+def _decode_model(model: Any, compile: bool | dict) -> Any:
+    """The callable that runs the model: with `compile`, one-token decode steps go through torch.compile
+    (compiled once per model and kept; the KV length is a dynamic dimension, so growing it does not recompile),
+    while the prefill, run once per call, stays eager."""
+    if not compile:
+        return model
+    options = {"dynamic": True, **(compile if isinstance(compile, dict) else {})}
+    key = repr(sorted(options.items()))
+    compiled = model.__dict__.setdefault("_compiled_decode", {})
+    if key not in compiled:
+        compiled[key] = torch.compile(model.forward, **options)
+
+    def forward(ids: torch.Tensor, **kwargs: Any) -> Any:
+        return (compiled[key] if ids.shape[1] == 1 else model)(ids, **kwargs)
+
+    return forward
 
 
 def _next_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
-                 cache: DynamicCache | None) -> torch.Tensor:
+                 cache: Cache | None) -> torch.Tensor:
     """fp32 logits (B, V) for the token after `ids`. With a cache `ids` holds only the tokens not yet cached and
     `positions` their position ids; `mask` always covers cached + new tokens (None: no padding)."""
     out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
@@ -526,6 +548,7 @@ def _prepare_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
              generation_config: GenerationConfig | dict | None = None, generator: torch.Generator | None = None,
              streamer: Any = None, logits_processor: Sequence[LogitsProcessor] | None = None,
+             compile: bool | dict = False,
              **kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
     """Continue each prompt with greedy decoding, sampling or beam search, as transformers' `generate` does.
 
@@ -539,10 +562,11 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
         temperature (1.0), top_k (50, 0 = off), top_p (1.0): sampling only; repetition_penalty (1.0),
         no_repeat_ngram_size (0); length_penalty (1.0), early_stopping (False | True | "never"): beam search;
         num_return_sequences (1); eos_token_id (int or list), pad_token_id, bos_token_id; use_cache (True),
-        cache_implementation ("dynamic"); return_dict_in_generate, output_scores, output_logits (False).
+        cache_implementation ("static", or "dynamic"); return_dict_in_generate, output_scores, output_logits (False).
     Other arguments: `generator` draws the samples (reproducible sampling; default: torch's global generator),
     `streamer` receives the prompt then each new token through `put(ids)` and `end()` (greedy / sampling, one row),
-    `logits_processor` is a list of extra `f(input_ids, scores) -> scores`.
+    `logits_processor` is a list of extra `f(input_ids, scores) -> scores`. `compile=True` (or a dict of
+    `torch.compile` options) compiles the one-token decode step; it pays off on long generations and on GPUs.
 
     Example:
         >>> import torch
@@ -581,6 +605,8 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
         input_ids = input_ids.repeat_interleave(expand, dim=0)
         mask = mask.repeat_interleave(expand, dim=0) if mask is not None else None
     batch = input_ids.shape[0]
+    if compile and not cfg.use_cache:
+        raise ValueError("compile=True needs use_cache=True: only the one-token decode step is compiled")
     cache = _make_cache(model, batch, max_len, cfg.cache_implementation) if cfg.use_cache else None
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -601,12 +627,12 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
         positions = torch.full((batch, 1), prompt_len - 1, dtype=torch.long, device=device)
 
     decode = _beam_search if beam else _sample
-    return decode(model, input_ids, full_mask, positions, cache, cfg, max_len, processors, eos, pad, generator,
-                  streamer)
+    return decode(_decode_model(model, compile), input_ids, full_mask, positions, cache, cfg, max_len, processors, eos,
+                  pad, generator, streamer)
 
 
 def _step_inputs(ids: torch.Tensor, cur: int, full_mask: torch.Tensor | None, positions: torch.Tensor,
-                 cache: DynamicCache | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                 cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """What the model reads for the next token. `ids` are the `cur` tokens so far (B, cur) or, with a cache, may be
     just the newest (B, 1): with a cache the model reads only that token, without one the whole sequence again."""
     mask = full_mask[:, :cur] if full_mask is not None else None
@@ -616,7 +642,7 @@ def _step_inputs(ids: torch.Tensor, cur: int, full_mask: torch.Tensor | None, po
 
 
 def _sample(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | None, positions: torch.Tensor,
-            cache: DynamicCache | None, cfg: GenerationConfig, max_len: int, processors: list[LogitsProcessor],
+            cache: Cache | None, cfg: GenerationConfig, max_len: int, processors: list[LogitsProcessor],
             eos: torch.Tensor | None, pad: int | None, generator: torch.Generator | None,
             streamer: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Greedy decoding or multinomial sampling: one model forward per new token."""
@@ -665,7 +691,7 @@ def _sample(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | None,
 
 
 def _beam_search(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | None, positions: torch.Tensor,
-                 cache: DynamicCache | None, cfg: GenerationConfig, max_len: int, processors: list[LogitsProcessor],
+                 cache: Cache | None, cfg: GenerationConfig, max_len: int, processors: list[LogitsProcessor],
                  eos: torch.Tensor | None, pad: int | None, generator: torch.Generator | None,
                  streamer: Any) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
     """Beam search (or beam sampling with do_sample=True), vectorized over prompts and beams as transformers does.
