@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -243,6 +242,38 @@ def test_device(layouts, device, dtype):
     ref = transformers.OPTForCausalLM.from_pretrained(layouts["hub_125m_bin"], dtype=dtype)
     for key, value in ref.state_dict().items():
         assert torch.equal(value, ours.state_dict()[key].cpu()), key
+
+
+def test_new_heads_are_materialised_in_the_target_dtype(layouts):
+    model = optlite.OPTForQuestionAnswering.from_pretrained(layouts["tf_single"], dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.qa_outputs.bias.eq(0).all() and model.qa_outputs.weight.abs().sum() > 0
+
+
+def test_legacy_non_zip_bin_loads(tmp_path, layouts):
+    (tmp_path / "config.json").write_bytes((layouts["tf4_bin"] / "config.json").read_bytes())
+    state = torch.load(layouts["tf4_bin"] / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # cannot be mmapped
+    model = optlite.OPTForCausalLM.from_pretrained(tmp_path)
+    ref = transformers.OPTForCausalLM.from_pretrained(layouts["tf4_bin"]).eval()
+    ids, mask = batch("left")
+    assert_same(outputs(ref, ids, mask)[0], outputs(model, ids, mask)[0])
+
+
+def test_import_pulls_in_neither_transformers_nor_accelerate():
+    code = "import sys, optlite; print(sorted(m for m in ('transformers', 'accelerate') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
+                         "PYTHONPATH": SRC}, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_head_untied_by_hand_is_saved(tmp_path):
+    _, ours = make_pair("OPTForCausalLM", "pre_ln")
+    ours.lm_head.weight = torch.nn.Parameter(ours.lm_head.weight.detach() * 2)
+    ours.save_pretrained(tmp_path)
+    ref = transformers.OPTForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask = batch("none")
+    assert_same(outputs(ours, ids, mask)[0], outputs(ref, ids, mask)[0])
 
 
 def test_loaded_weights_share_the_file_mapping_when_the_dtype_matches(tmp_path):
@@ -757,7 +788,7 @@ class NotATensor:
 
 def test_bin_that_is_not_a_plain_tensor_dict(tmp_path, layouts):
     (tmp_path / "config.json").write_bytes((layouts["tf4_bin"] / "config.json").read_bytes())
-    torch.save({"weight": NotATensor()}, tmp_path / "pytorch_model.bin", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save({"weight": NotATensor()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin: not a plain tensor dict.*weights_only"):
         optlite.OPTForCausalLM.from_pretrained(tmp_path)
     torch.save({"step": 3}, tmp_path / "pytorch_model.bin")

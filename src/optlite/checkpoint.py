@@ -13,12 +13,14 @@ import ctypes
 import dataclasses
 import json
 import logging
+import mmap
 import os
 import pickle
 import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,8 +238,9 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[TensorInfo, int, int]
 
 
 class SafetensorsShard:
-    """One .safetensors file: the header is read eagerly; tensors are memory-mapped (zero copy) when kept as they
-    are on the CPU, and otherwise read into a reusable buffer and cast one at a time."""
+    """One .safetensors file. Tensors kept as they are on the CPU are the file's own pages (zero copy, a private
+    mapping); tensors cast or moved are read from a second mapping whose pages are released after each tensor, so
+    only the final weights stay resident."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -246,23 +249,31 @@ class SafetensorsShard:
             self._handle = safe_open(str(path), framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: cannot open as safetensors ({e})") from None
+        self._map: mmap.mmap | None = None
 
     def infos(self) -> dict[str, TensorInfo]:
         return {name: info for name, (info, _, _) in self.entries.items()}
 
-    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device, buffer: _Buffer) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
         info, start, end = self.entries[name]
         if (dtype is None or dtype == info.dtype) and device.type == "cpu":
             return self._handle.get_tensor(name)  # shares the file's private mapping: nothing is copied
-        raw = buffer.get(end - start)
-        with open(self.path, "rb", buffering=0) as f:
-            _read_exactly(f, start, raw, self.path)
-        # Reading instead of touching the mapping keeps only the final weights resident while casting.
-        out = torch.empty(info.shape, dtype=dtype or info.dtype, device=device)
-        return out.copy_(raw.view(info.dtype).view(info.shape))
+        if start % info.dtype.itemsize or not info.shape or 0 in info.shape:
+            return self._handle.get_tensor(name).to(device=device, dtype=dtype or info.dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable views, no warning
+        count = (end - start) // info.dtype.itemsize
+        src = torch.frombuffer(self._map, dtype=info.dtype, count=count, offset=start).view(info.shape)
+        out = src.to(device=device, dtype=dtype or info.dtype, copy=True)
+        if hasattr(self._map, "madvise"):  # drop the source pages from our resident set (they stay in the page cache)
+            lo = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        return out
 
     def close(self) -> None:
         self._handle = None
+        self._map = None  # closed when the last view of it is gone
 
 
 class BinShard:
@@ -275,7 +286,7 @@ class BinShard:
     def infos(self) -> dict[str, TensorInfo]:
         return {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self.state.items()}
 
-    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device, buffer: _Buffer) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
         t = self.state[name]
         if (dtype is None or dtype == t.dtype) and device.type == "cpu":
             return t
@@ -310,29 +321,6 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def open_shard(path: Path, fmt: str) -> SafetensorsShard | BinShard:
     return SafetensorsShard(path) if fmt == "safetensors" else BinShard(path)
-
-
-class _Buffer:
-    """A growable byte buffer reused for every tensor that is read and cast (so casting allocates only the output)."""
-
-    def __init__(self) -> None:
-        self._data = torch.empty(0, dtype=torch.uint8)
-
-    def get(self, nbytes: int) -> torch.Tensor:
-        if self._data.numel() < nbytes:
-            self._data = torch.empty(nbytes, dtype=torch.uint8)
-        return self._data[:nbytes]
-
-
-def _read_exactly(f: Any, offset: int, out: torch.Tensor, path: Path) -> None:
-    view = memoryview(out.numpy()).cast("B")
-    f.seek(offset)
-    done = 0
-    while done < len(view):  # one read() returns at most ~2 GB on Linux
-        n = f.readinto(view[done:])
-        if not n:
-            raise CheckpointError(f"{path}: truncated file (ended inside a tensor at byte {offset + done})")
-        done += n
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,9 +491,9 @@ def _lm_head_matches(files: CheckpointFiles, lm_head: tuple[str, int], embed: tu
     if embed is None:
         return False
     shards = {i: open_shard(files.shards[i], files.format) for i in {lm_head[1], embed[1]}}
-    buffer, cpu = _Buffer(), torch.device("cpu")
-    a = shards[lm_head[1]].tensor(lm_head[0], None, cpu, buffer)
-    b = shards[embed[1]].tensor(embed[0], None, cpu, buffer)
+    cpu = torch.device("cpu")
+    a = shards[lm_head[1]].tensor(lm_head[0], None, cpu)
+    b = shards[embed[1]].tensor(embed[0], None, cpu)
     # A .bin saved from a tied model stores one storage for both: no need to read it.
     same_memory = a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
     equal = same_memory or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
@@ -630,7 +618,7 @@ def build_on_meta(cls: type[nn.Module], config: OPTConfig, files: CheckpointFile
                   stored: dict[str, tuple[TensorInfo, int]], source: Source) -> nn.Module:
     """The model on the meta device: no memory, no random init. A stored lm_head.weight that differs from the
     embedding unties them (config.tie_word_embeddings=False), as transformers does, so the stored head is used."""
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = cls(config)
     if ties_lm_head(model):
         keys = {canonical_key(k): (k, shard) for k, (_, shard) in stored.items()}
@@ -639,9 +627,25 @@ def build_on_meta(cls: type[nn.Module], config: OPTConfig, files: CheckpointFile
             logger.warning("%s: the stored lm_head.weight differs from embed_tokens although the config ties them; "
                            "using the stored head, untied (config.tie_word_embeddings=False)", source)
             config = dataclasses.replace(config, tie_word_embeddings=False)
-            with torch.device("meta"):
+            with torch.device("meta"), _skip_init():
                 model = cls(config)
     return model
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Skip nn.init while building on meta: it does nothing there, yet torch routes a meta normal_ through
+    torch._refs, whose first use imports torch._dynamo (seconds)."""
+    names = ["normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_"]
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def _target_dtype(dtype: str | torch.dtype | None, config: OPTConfig,
@@ -667,20 +671,27 @@ def _load_tensors(model: nn.Module, files: CheckpointFiles, plan: LoadPlan, stor
     # The tied lm_head has no tensor of its own, but accelerate places and offloads it by its own name.
     tied = {_embed_key(model): ["lm_head.weight"]} if ties_lm_head(model) else {}
     offload_index: dict[str, dict] = {}
-    buffer = _Buffer()
-    for i in _progress(range(len(files.shards)), progress, len(files.shards)):
-        shard = open_shard(files.shards[i], files.format)
-        for mkey, skey in by_shard.get(i, []):
-            cast = dtype if stored[skey][0].dtype.is_floating_point else None
-            devices = {name: device_of(name) for name in [mkey, *tied.get(mkey, [])]}
-            live = [d for d in devices.values() if d != "disk"]
-            value = shard.tensor(skey, cast, live[0] if live else torch.device("cpu"), buffer)
-            for name, device in devices.items():
-                if device == "disk":
-                    _offload(value, name, offload_folder, offload_index)
-            if live:
-                set_tensor(model, mkey, value)
-        shard.close()
+    # Casting is mostly first-touch page faults on the new memory: a few threads overlap them (copy_ frees the GIL).
+    # Not when offloading to disk, where the point is to hold little: one tensor at a time.
+    workers = 1 if any(device_of(k) == "disk" for k in plan.assign) else min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i in _progress(range(len(files.shards)), progress, len(files.shards)):
+            shard = open_shard(files.shards[i], files.format)
+
+            def read(item: tuple[str, str], shard: SafetensorsShard | BinShard = shard) -> tuple[str, Any, dict]:
+                mkey, skey = item
+                cast = dtype if stored[skey][0].dtype.is_floating_point else None
+                devices = {name: device_of(name) for name in [mkey, *tied.get(mkey, [])]}
+                live = [d for d in devices.values() if d != "disk"]
+                return mkey, shard.tensor(skey, cast, live[0] if live else torch.device("cpu")), devices
+
+            for mkey, value, devices in pool.map(read, by_shard.get(i, [])):
+                for name, device in devices.items():
+                    if device == "disk":
+                        _offload(value, name, offload_folder, offload_index)
+                if any(d != "disk" for d in devices.values()):
+                    set_tensor(model, mkey, value)
+            shard.close()
     return offload_index
 
 
@@ -878,12 +889,17 @@ def _exchange(a: Path, b: Path) -> bool:
 def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors by checkpoint key: the tied lm_head left out, disk-offloaded ones read back."""
     state = model.state_dict()
-    if ties_lm_head(model):
-        state.pop("lm_head.weight", None)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and model.config.tie_word_embeddings and _same_tensor(head.weight, embed.weight):
+        state.pop("lm_head.weight", None)  # stored once, as transformers does; a head untied by hand is kept
     for key, t in state.items():
         if t.is_meta:
             state[key] = _offloaded_value(model, key)
     return state
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.device == b.device and a.data_ptr() == b.data_ptr())
 
 
 def _offloaded_value(model: nn.Module, key: str) -> torch.Tensor:
@@ -962,13 +978,10 @@ def convert(
     out_config.setdefault("architectures", [cls.__name__])
     with staged_directory(dst) as stage:
         writer = ShardWriter(stage, parse_size(max_shard_size))
-        buffer = _Buffer()
         for i in _progress(range(len(files.shards)), progress, len(files.shards)):
             shard = open_shard(files.shards[i], files.format)
             for mkey, skey in by_shard.get(i, []):
-                t = shard.tensor(skey, None, torch.device("cpu"), buffer)
-                if cast is not None and t.is_floating_point():
-                    t = t.to(cast)
+                t = shard.tensor(skey, cast if stored[skey][0].dtype.is_floating_point else None, torch.device("cpu"))
                 writer.add(mkey, t)
                 out_config["torch_dtype"] = dtype_name(t.dtype) if t.is_floating_point() else out_config["torch_dtype"]
             shard.close()
