@@ -481,7 +481,8 @@ def initialize(model: nn.Module, keys: list[str], device_of: Callable[[str], tor
 
 def check_no_meta(model: nn.Module, allowed: set[str]) -> None:
     """Raise naming every parameter or buffer still on the meta device (except disk-offloaded ones)."""
-    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta and k not in allowed]
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    left = [k for k, t in tensors if t.is_meta and k not in allowed]  # non-persistent buffers included
     if left:
         raise CheckpointError(f"after loading, {len(left)} tensors are still on the meta device (never loaded nor "
                               f"initialised): {', '.join(left[:10])}")
