@@ -479,6 +479,16 @@ def test_save_in_a_child_that_hits_the_file_size_limit_or_is_killed(tmp_path, mo
     assert sorted(os.listdir(tmp_path)) == ["child.py", "ckpt"]
 
 
+def test_saving_into_the_working_directory(tmp_path, monkeypatch):
+    _, ours = make_pair("OPTModel", "pre_ln")
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path / "ckpt")
+    ours.save_pretrained(".")
+    ours.save_pretrained(".")
+    assert Path.cwd() == (tmp_path / "ckpt").resolve() and Path("model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
 def test_saving_over_the_checkpoint_a_model_was_mapped_from(tmp_path):
     ref, _ = make_pair("OPTForCausalLM", "pre_ln")
     ref.save_pretrained(tmp_path)

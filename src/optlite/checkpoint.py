@@ -854,11 +854,15 @@ def _commit(stage: Path, target: Path) -> None:
     for entry in target.iterdir():
         if not _OWNED.fullmatch(entry.name) and not (stage / entry.name).exists():
             _carry(entry, stage / entry.name)
+    os.chmod(stage, target.stat().st_mode & 0o7777)
+    cwd = os.getcwd()
     if not _exchange(stage, target):
         aside = target.with_name(f".{target.name}.optlite-old-{uuid.uuid4().hex[:8]}")
         os.rename(target, aside)  # without an atomic exchange, two renames (target is absent only in between)
         os.rename(stage, target)
         os.rename(aside, stage)
+    if cwd == str(target) or cwd.startswith(str(target) + os.sep):
+        os.chdir(cwd)  # our working directory was the old folder, about to be deleted: follow the new one
 
 
 def _carry(src: Path, dst: Path) -> None:
