@@ -22,6 +22,8 @@ import transformers
 
 import optlite
 
+CASES = ("prefill", "b1", "b8", "context", "train")
+
 
 def build_pair(preset: str, dtype: torch.dtype, device: str, seed: int = 0):
     cfg = optlite.OPTConfig.from_preset(preset)
@@ -112,22 +114,26 @@ def bench_shape(preset: str, dtype: torch.dtype, bw: float, args: argparse.Names
         return m.generate(ids, attention_mask=torch.ones_like(ids), **gen_kwargs(new, args.compile and m is ours))
 
     rows = []
-    t = both(lambda m: m(prompt[:1, :512], use_cache=True, logits_to_keep=1))
-    rows.append((preset, "prefill 1x512 (tok/s)", 512 / t["optlite"], 512 / t["transformers"]))
-    t = both(lambda m: decode(m, 1, 32, 128))
-    b1 = (128 / t["optlite"], 128 / t["transformers"])
-    rows.append((preset, "decode b1, 32+128 (tok/s)", *b1))
-    t = both(lambda m: decode(m, 8, 32, 64))
-    rows.append((preset, "decode b8, 32+64 (tok/s)", 8 * 64 / t["optlite"], 8 * 64 / t["transformers"]))
-    for ctx in (64, 1536):
-        # Decode-only rate: the difference between 33 and 1 new tokens removes the prefill.
-        t33, t1 = both(lambda m, c=ctx: decode(m, 1, c, 33)), both(lambda m, c=ctx: decode(m, 1, c, 1))
-        rows.append((preset, f"decode b1 at context {ctx} (tok/s)",
-                     32 / (t33["optlite"] - t1["optlite"]), 32 / (t33["transformers"] - t1["transformers"])))
-    if not args.skip_train:
+    if "prefill" in args.cases:
+        t = both(lambda m: m(prompt[:1, :512], use_cache=True, logits_to_keep=1))
+        rows.append((preset, "prefill 1x512 (tok/s)", 512 / t["optlite"], 512 / t["transformers"]))
+    if "b1" in args.cases:
+        t = both(lambda m: decode(m, 1, 32, 128))
+        b1 = (128 / t["optlite"], 128 / t["transformers"])
+        rows.append((preset, "decode b1, 32+128 (tok/s)", *b1))
+        bound = bw / weight_bytes_per_token(ours)
+        rows.append((preset, "decode b1 as % of bandwidth bound", 100 * b1[0] / bound, 100 * b1[1] / bound))
+    if "b8" in args.cases:
+        t = both(lambda m: decode(m, 8, 32, 64))
+        rows.append((preset, "decode b8, 32+64 (tok/s)", 8 * 64 / t["optlite"], 8 * 64 / t["transformers"]))
+    if "context" in args.cases:
+        for ctx in (64, 1536):
+            # Decode-only rate: the difference between 33 and 1 new tokens removes the prefill.
+            t33, t1 = both(lambda m, c=ctx: decode(m, 1, c, 33)), both(lambda m, c=ctx: decode(m, 1, c, 1))
+            rows.append((preset, f"decode b1 at context {ctx} (tok/s)",
+                         32 / (t33["optlite"] - t1["optlite"]), 32 / (t33["transformers"] - t1["transformers"])))
+    if "train" in args.cases:
         rows.append((preset, "train step 4x256 (steps/s)", *train_steps(ref, ours, prompt, args)))
-    bound = bw / weight_bytes_per_token(ours)
-    rows.append((preset, "decode b1 as % of bandwidth bound", 100 * b1[0] / bound, 100 * b1[1] / bound))
     return rows
 
 
@@ -154,7 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
     parser.add_argument("--compile", action="store_true", help="optlite decodes with the static cache + torch.compile")
-    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which cases to run")
     run(parser.parse_args())
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hub_cache
+from hub_cache import make_hub_cache
 
 from optlite.tokenizer import BatchEncoding, OPTTokenizer
 

@@ -2,6 +2,7 @@
 
 from .cache import DynamicCache, StaticCache
 from .config import OPTConfig
+from .convert import convert
 from .generation import GenerationConfig, generate_text
 from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from .modeling import OPTModel, OPTPreTrainedModel
@@ -26,6 +27,7 @@ __all__ = [
     "StaticCache",
     "TextIteratorStreamer",
     "TextStreamer",
+    "convert",
     "generate_text",
     "perplexity",
 ]

@@ -200,7 +200,7 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .checkpoint import convert
+    from .convert import convert
 
     out = convert(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
