@@ -22,6 +22,9 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests scripts
 
+demo: install
+	$(BIN)/python scripts/demo.py
+
 bench: install
 	$(BIN)/python scripts/bench.py
 
