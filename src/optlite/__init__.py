@@ -1,6 +1,7 @@
 """optlite: Meta's OPT language models in plain PyTorch, numerically identical to transformers' OPT."""
 
 from .cache import DynamicCache, StaticCache
+from .checkpoint import convert
 from .config import OPTConfig
 from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from .modeling import OPTModel, OPTPreTrainedModel
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchEncoding",
     "DynamicCache",
+    "convert",
     "OPTConfig",
     "OPTForCausalLM",
     "OPTForQuestionAnswering",

@@ -154,6 +154,49 @@ class OPTConfig:
     def to_json_file(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json_string(), encoding="utf-8")
 
+    # ---- config.json in a directory or hub repo ----
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, **overrides: Any) -> OPTConfig:
+        """Read config.json from a local directory or a hub repo; `overrides` replace its values.
+
+        Preset names are not checkpoints: "opt-125m" here means a directory or a hub repo of that name, never the
+        preset (use `from_preset` for that), so a typo never silently yields a config without weights.
+
+        Example:
+            >>> cfg = OPTConfig.from_pretrained("facebook/opt-350m", num_labels=3)  # doctest: +SKIP
+            >>> cfg.word_embed_proj_dim, cfg.num_labels  # doctest: +SKIP
+            (512, 3)
+        """
+        from .hub import resolve_file
+
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)} - {"extra"})
+        if unknown:
+            raise TypeError(f"unknown OPTConfig field(s) {', '.join(map(repr, unknown))} passed as config overrides")
+        try:
+            path = resolve_file(name_or_path, "config.json", revision=revision, cache_dir=cache_dir,
+                                local_files_only=local_files_only, token=token)
+        except FileNotFoundError as e:
+            short = str(name_or_path).removeprefix("facebook/")
+            if str(name_or_path) == short and short in cls.preset_names():
+                raise FileNotFoundError(f"{e}. {short!r} is a preset name, not a checkpoint: for the published "
+                                        f"weights load 'facebook/{short}'; for a random model use "
+                                        f"OPTForCausalLM(OPTConfig.from_preset({short!r}))") from e
+            raise
+        return cls.from_json_file(path, **overrides)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write config.json into `save_directory` (created if needed), replacing any previous one atomically."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "config.json"
+        partial = path.with_name("config.json.partial")
+        partial.write_text(self.to_json_string(), encoding="utf-8")
+        os.replace(partial, path)
+        return path
+
     # ---- presets ----
 
     @staticmethod

@@ -53,3 +53,15 @@ def resolve_file(
             raise FileNotFoundError(f"{filename!r} not found in {where}: {err}") from err
         return None
     return Path(found)
+
+
+def is_local(name_or_path: str | os.PathLike) -> bool:
+    """True when `name_or_path` is an existing local directory (which always wins over a hub repo id of that name)."""
+    return Path(name_or_path).is_dir()
+
+
+def describe(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
+    """How error messages name a checkpoint location: "directory '/x'" or "hub repo 'org/name' (revision main)"."""
+    if is_local(name_or_path):
+        return f"directory {str(name_or_path)!r}"
+    return f"hub repo {str(name_or_path)!r} (revision {revision or 'main'})"

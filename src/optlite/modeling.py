@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -250,6 +251,72 @@ class OPTPreTrainedModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.decoder_stack.gradient_checkpointing
+
+    # ---- loading and saving (the work is in checkpoint.py) ----
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        dtype: str | torch.dtype | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        device: str | int | torch.device | None = None,
+        device_map: str | dict | int | torch.device | None = None,
+        max_memory: dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        ignore_mismatched_sizes: bool = False,
+        output_loading_info: bool = False,
+        config: OPTConfig | None = None,
+        progress: bool = True,
+        **config_overrides: Any,
+    ) -> Any:
+        """Load a checkpoint from a local directory or a hub repo id (safetensors preferred, else `.bin` through
+        `torch.load(weights_only=True)`), in any of the hub's key layouts, built on the meta device and filled
+        without copies when the dtype does not change.
+
+        `dtype`: None (float32), "auto" (the checkpoint's), "float16", "bfloat16", "float32" or a torch.dtype
+        (`torch_dtype` is an alias). `device`: "cpu", "cuda", "cuda:1", "mps"… `device_map`: "auto", "balanced",
+        "sequential" or a {module: device | "disk"} dict, with `max_memory` and `offload_folder` (accelerate).
+        Other keyword arguments override config values (`num_labels=3`, `dropout=0.0`). A head missing from the
+        checkpoint is initialised and reported; `output_loading_info=True` returns `(model, info)`. Preset names
+        ("opt-125m") are not checkpoints: use `Class(OPTConfig.from_preset(name))` for a random model.
+
+        Example:
+            >>> from optlite import OPTForCausalLM
+            >>> model = OPTForCausalLM.from_pretrained("facebook/opt-125m", dtype="auto")  # doctest: +SKIP
+            >>> model.dtype  # doctest: +SKIP
+            torch.float16
+        """
+        from .checkpoint import load_pretrained
+
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"dtype={dtype!r} and its alias torch_dtype={torch_dtype!r} disagree")
+        return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
+                               local_files_only=local_files_only, token=token,
+                               dtype=dtype if dtype is not None else torch_dtype, device=device, device_map=device_map,
+                               max_memory=max_memory, offload_folder=offload_folder,
+                               ignore_mismatched_sizes=ignore_mismatched_sizes,
+                               output_loading_info=output_loading_info, config=config, progress=progress,
+                               **config_overrides)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> None:
+        """Write config.json and the weights (safetensors, sharded above `max_shard_size` such as "5GB" or
+        "200MB"; `.bin` with `safe_serialization=False`) in transformers' layout, tied lm_head stored once. The save
+        is atomic: it is written beside `save_directory` and swapped in, so a failed save leaves the old one intact.
+
+        Example:
+            >>> from optlite import OPTConfig, OPTForCausalLM
+            >>> OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).save_pretrained("tiny-ckpt")  # doctest: +SKIP
+        """
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
 
 
 def _resized_rows(old: nn.Embedding | nn.Linear, n: int) -> nn.Embedding:

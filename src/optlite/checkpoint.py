@@ -1,0 +1,996 @@
+"""Checkpoints: find the files (local directory or hub repo), read safetensors / .bin shards into a model built
+on the meta device, place them (dtype, device, accelerate device_map), and write checkpoints back atomically.
+
+Layouts read (OPT_FACTS §2): `model.decoder.*` (+ `lm_head.weight`) as in opt-125m/1.3b/2.7b/66b, bare `decoder.*`
+as in opt-350m/6.7b/13b/30b, and task checkpoints with `score.*` or `qa_outputs.*`. Layout written: the model's own
+keys (`model.decoder.*` + head, or `decoder.*` for OPTModel), the tied `lm_head.weight` left out, as transformers does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import mmap
+import os
+import pickle
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import OPTConfig
+from .hub import describe, resolve_file
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+# Looked for in this order: safetensors first; TF / Flax / msgpack / h5 files are never fetched.
+WEIGHT_CANDIDATES = [(SAFE_WEIGHTS_NAME, "safetensors", False), (SAFE_INDEX_NAME, "safetensors", True),
+                     (BIN_WEIGHTS_NAME, "bin", False), (BIN_INDEX_NAME, "bin", True)]
+# Files a save owns: replaced or removed by the next save, so no stale shard stays mixed with new ones.
+_OWNED = re.compile(r"(config\.json|model\.safetensors(\.index\.json)?|pytorch_model\.bin(\.index\.json)?"
+                    r"|(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin))")
+# Files besides the weights that convert() copies along when the source has them.
+SIDE_FILES = ["generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+              "merges.txt", "tokenizer.json"]
+HEAD_PREFIXES = ("lm_head.", "score.", "qa_outputs.")
+IGNORED_KEYS = {"decoder.version"}  # a fairseq leftover in hub checkpoints
+
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+                "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded or written as asked; the message names the file, shard or key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small parsers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in a shard-size limit: an int, or a string such as "5GB", "200MB", "10KB" (decimal) or "2GiB".
+
+    Example:
+        >>> parse_size("200MB"), parse_size("10KiB"), parse_size(4096)
+        (200000000, 10240, 4096)
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size {size!r} is not a size such as 5GB, 200MB, 10KB or a positive int")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a dtype or its name ("float16", "torch.bfloat16", "fp32")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r} is not one of float32, float16, bfloat16, 'auto' or a torch.dtype")
+    return _DTYPE_NAMES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding the files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint lives (local directory or hub repo id) and how to reach the hub."""
+
+    name_or_path: str | os.PathLike
+    revision: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+    token: str | bool | None = None
+
+    def file(self, filename: str, required: bool = True) -> Path | None:
+        return resolve_file(self.name_or_path, filename, revision=self.revision, cache_dir=self.cache_dir,
+                            local_files_only=self.local_files_only, token=self.token, required=required)
+
+    def __str__(self) -> str:
+        return describe(self.name_or_path, self.revision)
+
+
+@dataclass
+class CheckpointFiles:
+    """The resolved files of one checkpoint: its config and the weight shards of one format, in order."""
+
+    config: Path | None  # None when the caller read the config already
+    format: str  # "safetensors" or "bin"
+    shards: list[Path]
+    index: Path | None = None
+
+
+def find_checkpoint(source: Source, with_config: bool = True) -> CheckpointFiles:
+    """Resolve config.json (unless `with_config=False`) and the weights of one format (safetensors preferred),
+    fetching nothing else.
+
+    Example:
+        >>> files = find_checkpoint(Source("facebook/opt-125m", revision="refs/pr/35"))  # doctest: +SKIP
+        >>> files.format, [p.name for p in files.shards]  # doctest: +SKIP
+        ('safetensors', ['model.safetensors'])
+    """
+    config = source.file(CONFIG_NAME) if with_config else None
+    for filename, fmt, is_index in WEIGHT_CANDIDATES:
+        path = source.file(filename, required=False)
+        if path is None:
+            continue
+        if not is_index:
+            return CheckpointFiles(config, fmt, [path])
+        shards = [_resolve_shard(source, name, path) for name in read_index(path)]
+        return CheckpointFiles(config, fmt, shards, index=path)
+    looked_for = ", ".join(name for name, _, _ in WEIGHT_CANDIDATES)
+    raise FileNotFoundError(f"no weights file in {source}: looked for {looked_for}")
+
+
+def read_index(path: Path) -> list[str]:
+    """The shard file names of an index (`{"weight_map": {key: file}}`), in order of first appearance, each checked
+    to stay inside the checkpoint folder."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid JSON index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: an index needs a non-empty \"weight_map\" object of key -> shard file")
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        _check_shard_name(name, path)
+    return names
+
+
+def _check_shard_name(name: Any, index: Path) -> None:
+    # A shard path must be relative and stay inside the checkpoint: an index must not make us read other files.
+    parts = Path(name).parts if isinstance(name, str) else ()
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or name.startswith(("/", "\\")) \
+            or ".." in parts or "\\" in name or ":" in name:
+        raise CheckpointError(f"{index}: refusing shard path {name!r}: shard paths must be plain names inside the "
+                              "checkpoint folder (no absolute paths, no '..')")
+
+
+def _resolve_shard(source: Source, name: str, index: Path) -> Path:
+    path = source.file(name, required=False)
+    if path is None:
+        raise FileNotFoundError(f"shard {name!r} named in {index.name} is missing from {source}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading shards
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[TensorInfo, int, int]]:
+    """{name: (info, start, end)} with absolute byte offsets, checked against the file's size (truncation)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = int.from_bytes(prefix, "little")
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (it declares {n} header bytes, "
+                                  f"the file has {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    base, entries = 8 + n, {}
+    for name, entry in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r} ({e!r})") from None
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if end - start != nbytes or start < 0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {name!r} {shape} {entry['dtype']} needs "
+                                  f"{nbytes} bytes but spans [{start}, {end})")
+        if base + end > size:
+            raise CheckpointError(f"{path}: truncated safetensors file: {name!r} ends at byte {base + end} but the "
+                                  f"file has {size} bytes")
+        entries[name] = (TensorInfo(dtype, shape), base + start, base + end)
+    return entries
+
+
+class SafetensorsShard:
+    """One .safetensors file. Tensors kept as they are on the CPU are the file's own pages (zero copy, a private
+    mapping); tensors cast or moved are read from a second mapping whose pages are released after each tensor, so
+    only the final weights stay resident."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries = read_safetensors_header(path)
+        try:
+            self._handle = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot open as safetensors ({e})") from None
+        self._map: mmap.mmap | None = None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {name: info for name, (info, _, _) in self.entries.items()}
+
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        info, start, end = self.entries[name]
+        if (dtype is None or dtype == info.dtype) and device.type == "cpu":
+            return self._handle.get_tensor(name)  # shares the file's private mapping: nothing is copied
+        if start % info.dtype.itemsize or not info.shape or 0 in info.shape:
+            return self._handle.get_tensor(name).to(device=device, dtype=dtype or info.dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable views, no warning
+        count = (end - start) // info.dtype.itemsize
+        src = torch.frombuffer(self._map, dtype=info.dtype, count=count, offset=start).view(info.shape)
+        out = src.to(device=device, dtype=dtype or info.dtype, copy=True)
+        if hasattr(self._map, "madvise"):  # drop the source pages from our resident set (they stay in the page cache)
+            lo = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        return out
+
+    def close(self) -> None:
+        self._handle = None
+        self._map = None  # closed when the last view of it is gone
+
+
+class BinShard:
+    """One pytorch_model*.bin file, read only through `torch.load(weights_only=True)` and memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.state = load_bin(path)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self.state.items()}
+
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        t = self.state[name]
+        if (dtype is None or dtype == t.dtype) and device.type == "cpu":
+            return t
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def close(self) -> None:
+        self.state = {}
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A .bin state dict through the safe unpickler only; memory-mapped unless the file predates the zip format."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-1.6) format: no mmap
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a plain tensor dict: torch.load(weights_only=True) refused it, and "
+                              f"optlite never unpickles arbitrary objects ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a plain tensor dict (it holds a {type(state).__name__})")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: not a plain tensor dict: key {key!r} holds a {type(value).__name__}")
+    return state
+
+
+def open_shard(path: Path, fmt: str) -> SafetensorsShard | BinShard:
+    return SafetensorsShard(path) if fmt == "safetensors" else BinShard(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key mapping and the load plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def canonical_key(key: str) -> str:
+    """A checkpoint key without the base-model prefix: "model.decoder.x" and "decoder.x" both give "decoder.x"."""
+    return key.removeprefix("model.") if key.startswith("model.decoder.") else key
+
+
+def ties_lm_head(model: nn.Module) -> bool:
+    return model.get_output_embeddings() is not None and model.config.tie_word_embeddings
+
+
+@dataclass
+class LoadReport:
+    """What a load did with each key, in transformers' `output_loading_info` terms plus two lists of our own."""
+
+    missing_keys: list[str] = field(default_factory=list)  # model keys absent from the checkpoint (heads, re-init)
+    unexpected_keys: list[str] = field(default_factory=list)  # checkpoint keys the model has no place for
+    mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    newly_initialized_keys: list[str] = field(default_factory=list)  # missing heads + re-initialised mismatches
+    dropped_head_keys: list[str] = field(default_factory=list)  # heads of another class (subset of unexpected)
+
+    def as_dict(self) -> dict[str, list]:
+        return {"missing_keys": list(self.missing_keys), "unexpected_keys": list(self.unexpected_keys),
+                "mismatched_keys": list(self.mismatched_keys), "error_msgs": [],
+                "newly_initialized_keys": list(self.newly_initialized_keys)}
+
+    def log(self, cls_name: str, source: Source, what: str) -> None:
+        logger.info("loaded %s from %s (%s)", cls_name, source, what)
+        if self.newly_initialized_keys:
+            logger.warning("%s: newly initialised (not in the checkpoint at %s; train before use): %s", cls_name,
+                           source, ", ".join(self.newly_initialized_keys))
+        for key, stored, wanted in self.mismatched_keys:
+            logger.warning("%s: %s re-initialised: checkpoint shape %s, model shape %s "
+                           "(ignore_mismatched_sizes=True)", cls_name, key, stored, wanted)
+        if self.dropped_head_keys:
+            logger.info("%s: dropped the head weights of another class: %s", cls_name,
+                        ", ".join(self.dropped_head_keys))
+        others = [k for k in self.unexpected_keys if k not in self.dropped_head_keys]
+        if others:
+            logger.warning("%s: unexpected keys in the checkpoint at %s (ignored): %s", cls_name, source,
+                           ", ".join(others))
+
+
+@dataclass
+class LoadPlan:
+    assign: dict[str, tuple[str, int]]  # model key -> (checkpoint key, shard number)
+    init: list[str]  # model keys initialised by the model's own init
+    report: LoadReport
+
+
+def scan_shards(files: CheckpointFiles) -> dict[str, tuple[TensorInfo, int]]:
+    """{checkpoint key: (info, shard number)} from every shard's header (safetensors) or mmap (bin): no data read."""
+    stored: dict[str, tuple[TensorInfo, int]] = {}
+    for i, path in enumerate(files.shards):
+        shard = open_shard(path, files.format)
+        for key, info in shard.infos().items():
+            if key in stored:
+                raise CheckpointError(f"{path}: key {key!r} also appears in {files.shards[stored[key][1]].name}")
+            stored[key] = (info, i)
+        shard.close()
+    return stored
+
+
+def plan_load(model: nn.Module, stored: dict[str, tuple[TensorInfo, int]], files: CheckpointFiles,
+              ignore_mismatched_sizes: bool = False) -> LoadPlan:
+    """Match checkpoint keys to the model's, raising on anything that would leave the model silently wrong."""
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()}
+    tied = ties_lm_head(model)
+    if tied:
+        shapes.pop("lm_head.weight", None)
+    by_canonical = {canonical_key(k): k for k in shapes}
+    report, assign, init, seen = LoadReport(), {}, [], {}
+    mismatches = []
+    for skey, (info, shard) in stored.items():
+        canon = canonical_key(skey)
+        if canon in IGNORED_KEYS:
+            continue
+        if canon in seen:
+            raise CheckpointError(f"checkpoint holds both {seen[canon]!r} and {skey!r}")
+        seen[canon] = skey
+        if canon == "lm_head.weight" and tied:
+            continue  # the head is the embedding (build_on_meta checked that the stored copy equals it)
+        mkey = by_canonical.get(canon)
+        if mkey is None:
+            report.unexpected_keys.append(skey)
+            if canon.startswith(HEAD_PREFIXES):
+                report.dropped_head_keys.append(skey)
+            continue
+        if info.shape != shapes[mkey]:
+            mismatches.append((mkey, skey, shard, info.shape, shapes[mkey]))
+            continue
+        assign[mkey] = (skey, shard)
+    for mkey, skey, shard, have, want in mismatches:
+        if not ignore_mismatched_sizes:
+            raise CheckpointError(f"{skey} in {files.shards[shard].name}: checkpoint shape {have} does not match the "
+                                  f"model's {want} (from the config); pass ignore_mismatched_sizes=True to "
+                                  "re-initialise it instead")
+        report.mismatched_keys.append((mkey, have, want))
+        init.append(mkey)
+    missing = [k for k in shapes if k not in assign and k not in init]
+    body = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if body:
+        sample = ", ".join(list(stored)[:3])
+        raise CheckpointError(f"{len(body)} weights the model needs are missing from the checkpoint at "
+                              f"{files.shards[0].parent}: {', '.join(body[:5])}{' …' if len(body) > 5 else ''} "
+                              f"(the checkpoint's keys look like: {sample})")
+    report.missing_keys = missing
+    init.extend(missing)
+    report.newly_initialized_keys = list(init)
+    return LoadPlan(assign, init, report)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Placing tensors into the model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the (meta) parameter or buffer `key`, keeping its requires_grad."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
+    else:
+        module._buffers[leaf] = value
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, keys: list[str], device_of: Callable[[str], torch.device | str],
+               dtype: torch.dtype) -> None:
+    """Materialise `keys` on their device and dtype and fill them with the model's own `_init_weights`; other
+    tensors of the same module keep their loaded values."""
+    by_module: dict[str, list[str]] = {}
+    for key in keys:
+        by_module.setdefault(key.rpartition(".")[0], []).append(key.rpartition(".")[2])
+    for module_name, leaves in by_module.items():
+        module = model.get_submodule(module_name)
+        device = device_of(f"{module_name}.{leaves[0]}")
+        device = torch.device("cpu") if device == "disk" else device
+        kept = {n: t for n, t in module.named_parameters(recurse=False) if n not in leaves and not t.is_meta}
+        for leaf in leaves:
+            old = module._parameters.get(leaf)
+            shape = old.shape if old is not None else module._buffers[leaf].shape
+            set_tensor(model, f"{module_name}.{leaf}", torch.empty(shape, dtype=dtype, device=device))
+        for name, t in module.named_parameters(recurse=False):
+            if t.is_meta:  # _init_weights fills the whole module: give its other tensors a place first
+                set_tensor(model, f"{module_name}.{name}", torch.empty(t.shape, dtype=dtype, device=device))
+        model._init_weights(module)
+        for name, t in kept.items():
+            module._parameters[name] = t
+
+
+def check_no_meta(model: nn.Module, allowed: set[str]) -> None:
+    """Raise naming every parameter or buffer still on the meta device (except disk-offloaded ones)."""
+    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta and k not in allowed]
+    if left:
+        raise CheckpointError(f"after loading, {len(left)} tensors are still on the meta device (never loaded nor "
+                              f"initialised): {', '.join(left[:10])}")
+
+
+def _lm_head_matches(files: CheckpointFiles, lm_head: tuple[str, int], embed: tuple[str, int] | None) -> bool:
+    if embed is None:
+        return False
+    shards = {i: open_shard(files.shards[i], files.format) for i in {lm_head[1], embed[1]}}
+    cpu = torch.device("cpu")
+    a = shards[lm_head[1]].tensor(lm_head[0], None, cpu)
+    b = shards[embed[1]].tensor(embed[0], None, cpu)
+    # A .bin saved from a tied model stores one storage for both: no need to read it.
+    same_memory = a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    equal = same_memory or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+    for shard in shards.values():
+        shard.close()
+    return equal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device_map (accelerate, imported only here)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plan_device_map(model: nn.Module, device_map: str | dict | int | torch.device, max_memory: dict | None,
+                    dtype: torch.dtype) -> dict[str, Any]:
+    """An explicit {module name: device | "disk"} map from "auto" / "balanced" / "sequential" (accelerate's
+    planner, never splitting an OPTDecoderLayer), a single device, or a user dict (checked to cover every weight)."""
+    from accelerate.utils import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    no_split = list(model._no_split_modules)
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        if device_map == "sequential":
+            max_memory = get_max_memory(max_memory)
+        else:
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=dtype, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           dtype=dtype)
+    elif isinstance(device_map, (str, int, torch.device)):
+        device_map = {"": device_map}
+    elif not isinstance(device_map, dict):
+        raise TypeError(f"device_map must be 'auto', 'balanced', 'sequential', a device or a dict, got {device_map!r}")
+    device_map = dict(device_map)
+    # Heads call self.model.decoder directly, so a hook on the OPTModel wrapper would never run: map its decoder.
+    if "model" in device_map and hasattr(model, "model"):
+        device_map["model.decoder"] = device_map.pop("model")
+    uncovered = [k for k in model.state_dict() if _device_in_map(k, device_map) is None]
+    if uncovered:
+        raise ValueError(f"device_map does not place {len(uncovered)} weights: {', '.join(uncovered[:5])} "
+                         f"(map their modules, or '' for the rest)")
+    return device_map
+
+
+def _device_in_map(key: str, device_map: dict[str, Any]) -> Any:
+    best = None
+    for name, device in device_map.items():
+        if name == "" or key == name or key.startswith(name + "."):
+            if best is None or len(name) > len(best[0]):
+                best = (name, device)
+    return None if best is None else best[1]
+
+
+def _as_device(device: Any) -> torch.device | str:
+    if device == "disk":
+        return "disk"
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# from_pretrained
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_pretrained(
+    cls: type[nn.Module],
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | int | torch.device | None = None,
+    device_map: str | dict | int | torch.device | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    ignore_mismatched_sizes: bool = False,
+    output_loading_info: bool = False,
+    config: OPTConfig | None = None,
+    progress: bool = True,
+    **config_overrides: Any,
+) -> nn.Module | tuple[nn.Module, dict]:
+    """The body of `OPTPreTrainedModel.from_pretrained` (see its docstring)."""
+    if device is not None and device_map is not None:
+        raise ValueError("pass either device or device_map, not both")
+    source = Source(name_or_path, revision, cache_dir, local_files_only, token)
+    if config is None:
+        config = OPTConfig.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                           local_files_only=local_files_only, token=token, **config_overrides)
+    elif config_overrides:
+        raise TypeError(f"pass config overrides ({', '.join(config_overrides)}) or config=, not both")
+    files = find_checkpoint(source, with_config=False)
+    stored = scan_shards(files)
+    target = _target_dtype(dtype, config, stored)
+    model = build_on_meta(cls, config, files, stored, source)
+    plan = plan_load(model, stored, files, ignore_mismatched_sizes)
+    if device_map is not None:
+        device_map = plan_device_map(model, device_map, max_memory, target)
+        if "disk" in device_map.values() and offload_folder is None:
+            raise ValueError("device_map sends weights to 'disk': pass offload_folder= (a folder for them)")
+        device_of = lambda key: _as_device(_device_in_map(key, device_map))  # noqa: E731
+    else:
+        home = torch.device(device if device is not None else "cpu")
+        device_of = lambda key: home  # noqa: E731
+    offload_index = _load_tensors(model, files, plan, stored, target, device_of, offload_folder, progress)
+    if plan.init:
+        initialize(model, plan.init, device_of, target)
+        for key in plan.init:
+            if device_of(key) == "disk":
+                _offload(model.get_parameter(key), key, offload_folder, offload_index)
+    model.tie_weights()
+    check_no_meta(model, set(offload_index))
+    if device_map is not None:
+        _dispatch(model, device_map, offload_folder, offload_index)
+    model.eval()
+    shards = f"{len(files.shards)} shard{'s' * (len(files.shards) > 1)}"
+    plan.report.log(cls.__name__, source, f"{files.format}, {shards}, {dtype_name(target)}")
+    return (model, plan.report.as_dict()) if output_loading_info else model
+
+
+def build_on_meta(cls: type[nn.Module], config: OPTConfig, files: CheckpointFiles,
+                  stored: dict[str, tuple[TensorInfo, int]], source: Source) -> nn.Module:
+    """The model on the meta device: no memory, no random init. A stored lm_head.weight that differs from the
+    embedding unties them (config.tie_word_embeddings=False), as transformers does, so the stored head is used."""
+    with torch.device("meta"), _skip_init():
+        model = cls(config)
+    if ties_lm_head(model):
+        keys = {canonical_key(k): (k, shard) for k, (_, shard) in stored.items()}
+        lm_head, embed = keys.get("lm_head.weight"), keys.get("decoder.embed_tokens.weight")
+        if lm_head is not None and not _lm_head_matches(files, lm_head, embed):
+            logger.warning("%s: the stored lm_head.weight differs from embed_tokens although the config ties them; "
+                           "using the stored head, untied (config.tie_word_embeddings=False)", source)
+            config = dataclasses.replace(config, tie_word_embeddings=False)
+            with torch.device("meta"), _skip_init():
+                model = cls(config)
+    return model
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Skip nn.init while building on meta: it does nothing there, yet torch routes a meta normal_ through
+    torch._refs, whose first use imports torch._dynamo (seconds)."""
+    names = ["normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_"]
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def _target_dtype(dtype: str | torch.dtype | None, config: OPTConfig,
+                  stored: dict[str, tuple[TensorInfo, int]]) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        if config.torch_dtype is not None:
+            return parse_dtype(config.torch_dtype)
+        floats = [info.dtype for info, _ in stored.values() if info.dtype.is_floating_point]
+        return floats[0] if floats else torch.float32
+    return parse_dtype(dtype)
+
+
+def _load_tensors(model: nn.Module, files: CheckpointFiles, plan: LoadPlan, stored: dict[str, tuple[TensorInfo, int]],
+                  dtype: torch.dtype, device_of: Callable[[str], Any], offload_folder: str | os.PathLike | None,
+                  progress: bool) -> dict[str, dict]:
+    """Read shard after shard, assigning each tensor (cast on the way if needed); returns accelerate's offload index
+    of the tensors sent to disk."""
+    by_shard: dict[int, list[tuple[str, str]]] = {}
+    for mkey, (skey, shard) in plan.assign.items():
+        by_shard.setdefault(shard, []).append((mkey, skey))
+    # The tied lm_head has no tensor of its own, but accelerate places and offloads it by its own name.
+    tied = {_embed_key(model): ["lm_head.weight"]} if ties_lm_head(model) else {}
+    offload_index: dict[str, dict] = {}
+    # Casting is mostly first-touch page faults on the new memory: a few threads overlap them (copy_ frees the GIL).
+    # Not when offloading to disk, where the point is to hold little: one tensor at a time.
+    workers = 1 if any(device_of(k) == "disk" for k in plan.assign) else min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i in _progress(range(len(files.shards)), progress, len(files.shards)):
+            shard = open_shard(files.shards[i], files.format)
+
+            def read(item: tuple[str, str], shard: SafetensorsShard | BinShard = shard) -> tuple[str, Any, dict]:
+                mkey, skey = item
+                cast = dtype if stored[skey][0].dtype.is_floating_point else None
+                devices = {name: device_of(name) for name in [mkey, *tied.get(mkey, [])]}
+                live = [d for d in devices.values() if d != "disk"]
+                return mkey, shard.tensor(skey, cast, live[0] if live else torch.device("cpu")), devices
+
+            for mkey, value, devices in pool.map(read, by_shard.get(i, [])):
+                for name, device in devices.items():
+                    if device == "disk":
+                        _offload(value, name, offload_folder, offload_index)
+                if any(d != "disk" for d in devices.values()):
+                    set_tensor(model, mkey, value)
+            shard.close()
+    return offload_index
+
+
+def _embed_key(model: nn.Module) -> str:
+    return "model.decoder.embed_tokens.weight" if hasattr(model, "model") else "decoder.embed_tokens.weight"
+
+
+def _offload(value: torch.Tensor, name: str, folder: str | os.PathLike, index: dict[str, dict]) -> None:
+    from accelerate.utils import offload_weight
+
+    os.makedirs(folder, exist_ok=True)
+    offload_weight(value, name, str(folder), index=index)
+
+
+def _dispatch(model: nn.Module, device_map: dict[str, Any], offload_folder: Any, index: dict[str, dict]) -> None:
+    from accelerate import dispatch_model
+    from accelerate.utils import save_offload_index
+
+    if index:
+        save_offload_index(index, str(offload_folder))
+    dispatch_model(model, device_map=device_map, offload_dir=str(offload_folder) if index else None,
+                   offload_index=index or None)
+
+
+def _progress(it: Any, enabled: bool, total: int) -> Any:
+    if not enabled or total < 2:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc="Loading checkpoint shards", unit="shard")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing: sharded files, staged in a temporary folder and swapped in whole
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Collects tensors in order and writes a shard whenever the next tensor would pass `max_bytes`; `finish` gives
+    the shards their final names (model-00001-of-00003.safetensors, or model.safetensors alone) and the index.
+    Files are written under temporary names first, so no half-written file ever carries a checkpoint's name."""
+
+    def __init__(self, folder: Path, max_bytes: int, safe: bool = True):
+        self.folder, self.max_bytes, self.safe = folder, max_bytes, safe
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.total_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[key] = tensor
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"shard-{len(self.written) + 1:05d}.partial"
+        tensors = {k: _storable(t, compact=not self.safe) for k, t in self.pending.items()}
+        if self.safe:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, path)
+        _fsync(path)
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        stem, ext = ("model", "safetensors") if self.safe else ("pytorch_model", "bin")
+        n = len(self.written)
+        if n == 0:
+            raise CheckpointError("nothing to save: the model has no tensors")
+        names = [f"{stem}.{ext}"] if n == 1 else [f"{stem}-{i:05d}-of-{n:05d}.{ext}" for i in range(1, n + 1)]
+        weight_map = {}
+        for (path, keys), name in zip(self.written, names, strict=True):
+            os.replace(path, self.folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            write_text(self.folder / (SAFE_INDEX_NAME if self.safe else BIN_INDEX_NAME),
+                       json.dumps(index, indent=2) + "\n")
+            names.append(SAFE_INDEX_NAME if self.safe else BIN_INDEX_NAME)
+        return names
+
+
+def _storable(t: torch.Tensor, compact: bool) -> torch.Tensor:
+    t = t.detach().to("cpu").contiguous()
+    if compact and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()  # torch.save writes a view's whole storage: a memory-mapped file's worth
+    return t
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small file under a temporary name, flush it to disk, then rename it into place."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    _fsync(partial)
+    os.replace(partial, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside `target` (same filesystem) to write a checkpoint into; on success swap it with
+    `target` in one rename, carrying over the files a save does not own (tokenizer files, README, …). On failure
+    (exception, disk full, kill) the folder is removed and `target` is untouched, so the old checkpoint stays
+    readable; a folder left by a killed process is removed by the next save to the same target.
+
+    Example:
+        >>> with staged_directory("out/ckpt") as tmp:  # doctest: +SKIP
+        ...     (tmp / "config.json").write_text("{}")
+    """
+    target = Path(target).resolve()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"cannot save into {target}: it exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_stages(target)
+    stage = target.parent / f".{target.name}.optlite-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        _commit(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # on success it now holds the previous version
+
+
+def _remove_abandoned_stages(target: Path) -> None:
+    for old in target.parent.glob(f".{target.name}.optlite-tmp-*"):
+        pid = old.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _commit(stage: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(stage, target)
+        return
+    for entry in target.iterdir():
+        if not _OWNED.fullmatch(entry.name) and not (stage / entry.name).exists():
+            _carry(entry, stage / entry.name)
+    if not _exchange(stage, target):
+        aside = target.with_name(f".{target.name}.optlite-old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, aside)  # without an atomic exchange, two renames (target is absent only in between)
+        os.rename(stage, target)
+        os.rename(aside, stage)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    # Hard links cost nothing and keep the old folder intact until the swap; copy where links are not possible.
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, copy_function=link, symlinks=True)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(str(src), str(dst))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors by checkpoint key: the tied lm_head left out, disk-offloaded ones read back."""
+    state = model.state_dict()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and model.config.tie_word_embeddings and _same_tensor(head.weight, embed.weight):
+        state.pop("lm_head.weight", None)  # stored once, as transformers does; a head untied by hand is kept
+    for key, t in state.items():
+        if t.is_meta:
+            state[key] = _offloaded_value(model, key)
+    return state
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.device == b.device and a.data_ptr() == b.data_ptr())
+
+
+def _offloaded_value(model: nn.Module, key: str) -> torch.Tensor:
+    parts = key.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:i])), "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None)
+        if weights is not None:
+            return weights[".".join(parts[i:])]
+    raise CheckpointError(f"cannot save {key}: it is on the meta device and no offload hook holds its value")
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    safe_serialization: bool = True) -> Path:
+    """The body of `OPTPreTrainedModel.save_pretrained` (see its docstring)."""
+    max_bytes = parse_size(max_shard_size)
+    state = state_dict_to_save(model)
+    floats = [t.dtype for t in state.values() if t.dtype.is_floating_point]
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["torch_dtype"] = dtype_name(floats[0]) if floats else config.get("torch_dtype")
+    with staged_directory(save_directory) as stage:
+        writer = ShardWriter(stage, max_bytes, safe_serialization)
+        for key, t in state.items():
+            writer.add(key, t)
+        writer.finish()
+        write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(save_directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    progress: bool = True,
+) -> Path:
+    """Rewrite any loadable OPT checkpoint (e.g. the hub's pickled `.bin` shards) as safetensors in optlite's layout:
+    `model.decoder.*` keys, no `lm_head.weight` when tied, config.json (+ tokenizer files when present), optionally
+    in another dtype and shard size. Streams shard by shard; the destination is replaced atomically.
+
+    Example:
+        >>> import optlite
+        >>> optlite.convert("facebook/opt-1.3b", "opt-1.3b-st", dtype="float16")  # doctest: +SKIP
+        PosixPath('opt-1.3b-st')
+    """
+    from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
+    from .modeling import OPTModel
+
+    source = Source(src, revision, cache_dir, local_files_only, token)
+    config = OPTConfig.from_pretrained(src, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token)
+    files = find_checkpoint(source, with_config=False)
+    stored = scan_shards(files)
+    classes = {c.__name__: c for c in (OPTModel, OPTForCausalLM, OPTForSequenceClassification,
+                                       OPTForQuestionAnswering)}
+    arch = (config.extra.get("architectures") or ["OPTForCausalLM"])[0]
+    cls = classes.get(arch, OPTForCausalLM)
+    model = build_on_meta(cls, config, files, stored, source)
+    plan = plan_load(model, stored, files)
+    cast = parse_dtype(dtype) if dtype is not None else None
+    by_shard: dict[int, list[tuple[str, str]]] = {}
+    for mkey, (skey, shard) in plan.assign.items():
+        by_shard.setdefault(shard, []).append((mkey, skey))
+    out_config = config.to_dict()
+    out_config.setdefault("architectures", [cls.__name__])
+    with staged_directory(dst) as stage:
+        writer = ShardWriter(stage, parse_size(max_shard_size))
+        for i in _progress(range(len(files.shards)), progress, len(files.shards)):
+            shard = open_shard(files.shards[i], files.format)
+            for mkey, skey in by_shard.get(i, []):
+                t = shard.tensor(skey, cast if stored[skey][0].dtype.is_floating_point else None, torch.device("cpu"))
+                writer.add(mkey, t)
+                out_config["torch_dtype"] = dtype_name(t.dtype) if t.is_floating_point() else out_config["torch_dtype"]
+            shard.close()
+        writer.finish()
+        write_text(stage / CONFIG_NAME, json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+        for name in SIDE_FILES:
+            path = source.file(name, required=False)
+            if path is not None:
+                shutil.copyfile(path, stage / name)
+    plan.report.newly_initialized_keys = []  # convert writes what is there and initialises nothing
+    plan.report.log("convert", source, f"{files.format} -> safetensors")
+    return Path(dst)
