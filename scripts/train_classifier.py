@@ -12,13 +12,12 @@ OPTForSequenceClassification.from_pretrained and transformers' class of the same
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from optlite import OPTForSequenceClassification
 from optlite.data import ClassificationCollator, InputError, LabelMap, classification_examples, read_records
 from optlite.metrics import Accuracy
-from optlite.training import ModelSource, TrainConfig, add_train_args, train
+from optlite.training import ModelSource, TrainConfig, add_train_args, setup_logging, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     from accelerate.utils import set_seed
 
     try:

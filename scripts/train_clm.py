@@ -20,7 +20,7 @@ import sys
 from optlite import OPTForCausalLM
 from optlite.data import CausalLMCollator, InputError, TokenBlocks, check_block_size, read_texts
 from optlite.metrics import Perplexity
-from optlite.training import ModelSource, TrainConfig, add_train_args, train
+from optlite.training import ModelSource, TrainConfig, add_train_args, setup_logging, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     from accelerate.utils import set_seed
 
     try:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import sys
 
 from optlite import OPTForQuestionAnswering
 from optlite.data import InputError, QACollator, qa_features, read_squad
 from optlite.metrics import SquadMetric
-from optlite.training import ModelSource, TrainConfig, add_train_args, train
+from optlite.training import ModelSource, TrainConfig, add_train_args, setup_logging, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     from accelerate.utils import set_seed
 
     try:

@@ -160,7 +160,7 @@ def best_span(start_logits: torch.Tensor, end_logits: torch.Tensor, max_answer_l
     `max_answer_length` tokens, over all pairs (not only the top-k of each, as some scripts do).
 
     Example:
-        >>> best_span(torch.tensor([0.0, 5.0, 1.0]), torch.tensor([9.0, 0.0, 2.0]), max_answer_length=2)
+        >>> best_span(torch.tensor([0.0, 5.0, 1.0]), torch.tensor([1.0, 0.0, 2.0]), max_answer_length=2)
         (1, 2, 7.0)
     """
     n = start_logits.shape[0]

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -488,10 +489,7 @@ def train(model: nn.Module, train_dataset: Any, collate_fn: Callable, config: Tr
         raise InputError("the evaluation set is empty")
     resume = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir) \
         if config.resume_from_checkpoint else None
-    if accelerator is None:
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = accelerator or make_accelerator(config.mixed_precision)
     loop = _Loop(accelerator, model, train_dataset, collate_fn, config, eval_dataset, metric_factory)
     if resume is not None:
         loop.resume(resume)
@@ -504,6 +502,56 @@ def train(model: nn.Module, train_dataset: Any, collate_fn: Callable, config: Tr
         digest = param_digest(accelerator.unwrap_model(loop.model))
         Path(config.output_dir, f"param_digest_rank{accelerator.process_index}.txt").write_text(digest + "\n")
     return TrainResult(loop.model, accelerator, loop.state, loop.eval_metrics, loop.history)
+
+
+def make_accelerator(mixed_precision: str | None = None) -> Any:
+    """An Accelerator that sees the launch at hand, including `torchrun --nproc_per_node N` on a machine without
+    GPUs: accelerate treats such processes as one-process runs unless told cpu=True, which is passed here.
+
+    Example:
+        >>> acc = make_accelerator("bf16")  # doctest: +SKIP
+        >>> acc.num_processes, acc.distributed_type  # doctest: +SKIP
+        (2, <DistributedType.MULTI_CPU: 'MULTI_CPU'>)
+    """
+    from accelerate import Accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not _has_accelerator_device())
+    if world > 1 and acc.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes but accelerate sees {acc.num_processes}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
+        _enable_fsdp_on_cpu(acc)
+    return acc
+
+
+def _enable_fsdp_on_cpu(accelerator: Any) -> None:
+    """accelerate's AcceleratorState turns an FSDP launch config into DistributedType.FSDP only for GPU-like
+    backends, and on CPU silently runs DDP instead; torch's fully_shard works on gloo, so switch the state over
+    with the plugin accelerate builds from the launch config (its FSDP_* environment variables)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise InputError("FSDP on CPU needs fsdp_version: 2 (torch's fully_shard) in the accelerate config")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP  # as AcceleratorState does on GPUs, or it reverts to DDP
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Logging for the training scripts: `level` on the main process (RANK 0), warnings only on the others, and
+    accelerate's several INFO lines per checkpoint silenced."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=level if main else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def _has_accelerator_device() -> bool:
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return bool(accel.is_available()) if accel is not None else torch.cuda.is_available()
 
 
 class _Loop:
