@@ -17,14 +17,15 @@ import sys
 from optlite import OPTForSequenceClassification
 from optlite.data import ClassificationCollator, InputError, LabelMap, classification_examples, read_records
 from optlite.metrics import Accuracy
-from optlite.training import ModelSource, TrainConfig, add_train_args, setup_logging, train
+from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
+from optlite.training import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_name_or_path", required=True, help="checkpoint folder, hub id, or preset (opt-125m)")
+    p.add_argument("--model_name_or_path", help="checkpoint folder, hub id, or preset (opt-125m); required")
     p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
-    p.add_argument("--train_file", required=True, help=".csv (with a header), .jsonl or .json")
+    p.add_argument("--train_file", help=".csv (with a header), .jsonl or .json")
     p.add_argument("--validation_file", default=None)
     p.add_argument("--text_column", default="text")
     p.add_argument("--label_column", default="label")
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, default=128, help="longer texts are truncated")
     p.add_argument("--ignore_mismatched_sizes", action="store_true",
                    help="re-initialise a checkpoint's classifier head of another number of labels")
-    return add_train_args(p).parse_args(argv)
+    return parse_with_recipe(add_train_args(p), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,21 +20,22 @@ import sys
 from optlite import OPTForCausalLM
 from optlite.data import CausalLMCollator, InputError, TokenBlocks, check_block_size, read_texts
 from optlite.metrics import Perplexity
-from optlite.training import ModelSource, TrainConfig, add_train_args, setup_logging, train
+from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
+from optlite.training import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_name_or_path", required=True, help="checkpoint folder, hub id, or preset (opt-125m)")
+    p.add_argument("--model_name_or_path", help="checkpoint folder, hub id, or preset (opt-125m); required")
     p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
-    p.add_argument("--train_file", required=True, help=".txt (one document a line) or .jsonl/.json/.csv")
+    p.add_argument("--train_file", help=".txt (one document a line) or .jsonl/.json/.csv")
     p.add_argument("--validation_file", default=None)
     p.add_argument("--validation_split_percentage", type=int, default=5,
                    help="without --validation_file, hold out this percentage of the train file's documents")
     p.add_argument("--text_column", default="text", help="the text field of .jsonl/.json/.csv rows")
     p.add_argument("--no_keep_linebreaks", action="store_true", help="drop the newline at the end of each line")
     p.add_argument("--block_size", type=int, default=None, help="tokens per training row (default min(1024, max))")
-    return add_train_args(p).parse_args(argv)
+    return parse_with_recipe(add_train_args(p), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,23 +17,24 @@ import functools
 import sys
 
 from optlite import OPTForQuestionAnswering
-from optlite.data import InputError, QACollator, qa_features, read_squad
-from optlite.metrics import SquadMetric
-from optlite.training import ModelSource, TrainConfig, add_train_args, setup_logging, train
+from optlite.data import InputError, QACollator
+from optlite.qa import SquadMetric, qa_features, read_squad
+from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
+from optlite.training import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_name_or_path", required=True, help="checkpoint folder, hub id, or preset (opt-125m)")
+    p.add_argument("--model_name_or_path", help="checkpoint folder, hub id, or preset (opt-125m); required")
     p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
-    p.add_argument("--train_file", required=True, help="SQuAD-format .json")
+    p.add_argument("--train_file", help="SQuAD-format .json")
     p.add_argument("--validation_file", default=None)
     p.add_argument("--max_seq_length", type=int, default=384)
     p.add_argument("--doc_stride", type=int, default=128, help="context tokens shared by consecutive windows")
     p.add_argument("--max_question_length", type=int, default=64, help="longer questions are truncated")
     p.add_argument("--max_answer_length", type=int, default=30, help="in tokens")
     p.add_argument("--version_2_with_negative", action="store_true", help="some questions have no answer")
-    return add_train_args(p).parse_args(argv)
+    return parse_with_recipe(add_train_args(p), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,19 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 import optlite
-from optlite.data import (
-    CausalLMCollator,
-    InputError,
-    LabelMap,
-    QAExample,
-    TokenBlocks,
-    count_loss_items,
-    group_texts,
-    qa_features,
-    read_squad,
-)
-from optlite.metrics import best_span, exact_match, f1_score, normalize_answer
-from optlite.training import TrainConfig, WarmupSchedule, epoch_batches, eval_shard, train, train_step
+from optlite.data import CausalLMCollator, InputError, LabelMap, TokenBlocks, count_loss_items, group_texts
+from optlite.qa import QAExample, best_span, exact_match, f1_score, normalize_answer, qa_features, read_squad
+from optlite.train_config import TrainConfig
+from optlite.training import WarmupSchedule, epoch_batches, eval_shard, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -286,6 +277,17 @@ def test_train_accumulation_and_checkpointing_match_plain_run(files, tmp_path):
             torch.testing.assert_close(runs[name][1][k], v, atol=1e-5, rtol=1e-4)
 
 
+def test_bf16_mixed_precision_trains_fp32_weights(files, tmp_path):
+    blocks = TokenBlocks.from_texts(lines(30, seed=4), files.tok, block_size=32)
+    cfg = TrainConfig(str(tmp_path), max_train_steps=4, learning_rate=3e-3, logging_steps=1, mixed_precision="bf16",
+                      per_device_train_batch_size=4)
+    result = train(_tiny_model(), blocks, CausalLMCollator(1), cfg, save=False)
+    assert result.accelerator.mixed_precision == "bf16"
+    loss = [r["loss"] for r in result.history]
+    assert all(torch.isfinite(torch.tensor(loss))) and loss[-1] < loss[0]
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast: master weights stay fp32
+
+
 # ---------------------------------------------------------------------------------------------------- scripts
 
 
@@ -413,6 +415,18 @@ def test_qa_script(files, tmp_path):
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_examples"] == 8 and 0.0 <= results["exact_match"] <= results["f1"] <= 100.0
     assert_transformers_agrees(out, "OPTForQuestionAnswering", *padded_batch(files.tok))
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_parse_with_their_script(recipe, tmp_path):
+    script = {"clm": "train_clm", "classifier": "train_classifier", "qa": "train_qa"}[recipe.stem.rsplit("-", 1)[1]]
+    parse = runpy.run_path(str(ROOT / "scripts" / f"{script}.py"))["parse_args"]
+    args = parse(["--config", str(recipe), "--seed", "7"])
+    assert args.seed == 7 and args.model_name_or_path.startswith("facebook/opt-")  # flags win over the recipe
+    TrainConfig.from_args(args)  # the values are valid loop settings
+    (tmp_path / "bad.yaml").write_text("learning_rate: 1.0e-4\nlearnig_rate: 2\n")
+    with pytest.raises(SystemExit):
+        parse(["--config", str(tmp_path / "bad.yaml")])
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

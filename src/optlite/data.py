@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
 
 IGNORE_INDEX = -100  # the label value every loss skips (torch's cross_entropy default)
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -76,7 +75,7 @@ def read_records(path: str | Path | None, columns: Sequence[str], role: str = "t
     suffix = p.suffix.lower()
     if suffix not in RECORD_SUFFIXES:
         raise InputError(f"{role} {p}: unsupported extension {suffix!r} (use {', '.join(RECORD_SUFFIXES)})")
-    text = _read_utf8(p, role)
+    text = read_utf8(p, role)
     rows, locations = _parse_csv(p, text, columns, role) if suffix == ".csv" else _parse_json(p, text, role)
     if not rows:
         raise InputError(f"{role} {p} holds no rows")
@@ -99,7 +98,7 @@ def read_texts(path: str | Path | None, text_column: str = "text", keep_linebrea
     p = check_file(path, role)
     suffix = p.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        texts = [line for line in _read_utf8(p, role).splitlines(keepends=keep_linebreaks) if line.strip()]
+        texts = [line for line in read_utf8(p, role).splitlines(keepends=keep_linebreaks) if line.strip()]
     elif suffix in RECORD_SUFFIXES:
         records = read_records(p, [text_column], role)
         texts = []
@@ -116,7 +115,8 @@ def read_texts(path: str | Path | None, text_column: str = "text", keep_linebrea
     return texts
 
 
-def _read_utf8(p: Path, role: str) -> str:
+def read_utf8(p: Path, role: str) -> str:
+    """The file's text; InputError naming it when it is not UTF-8."""
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -429,145 +429,3 @@ def classification_examples(records: Records, tokenizer: Any, labels: LabelMap, 
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     return [{"input_ids": row, "label": labels.encode(v, records.where(i))}
             for i, (row, v) in enumerate(zip(ids, records.column(label_column), strict=True))]
-
-
-# ----------------------------------------------------------------------------------------------- question answering
-
-
-@dataclass
-class QAExample:
-    """One SQuAD question: answers are {"text", "answer_start"} dicts (empty when unanswerable, SQuAD v2)."""
-
-    id: str
-    question: str
-    context: str
-    answers: list[dict[str, Any]]
-
-
-def read_squad(path: str | Path | None, role: str = "train file") -> list[QAExample]:
-    """The questions of a SQuAD-format json file ({"data": [{"paragraphs": [{"context", "qas"}]}]}), each
-    answer checked to sit at its answer_start in the context.
-
-    Example:
-        >>> read_squad("dev-v1.1.json")[0].answers  # doctest: +SKIP
-        [{'text': 'Denver Broncos', 'answer_start': 177}, ...]
-    """
-    p = check_file(path, role)
-    try:
-        data = json.loads(_read_utf8(p, role))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{role} {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise InputError(f"{role} {p}: expected SQuAD format, an object with a \"data\" list")
-    examples = []
-    for a, article in enumerate(data["data"]):
-        for g, para in enumerate(article.get("paragraphs", [])):
-            where = f"{role} {p} data[{a}].paragraphs[{g}]"
-            if not isinstance(para.get("context"), str):
-                raise InputError(f"{where}: missing column 'context'")
-            for qa in para.get("qas", []):
-                examples.append(_squad_question(qa, para["context"], where))
-    if not examples:
-        raise InputError(f"{role} {p} holds no questions")
-    return examples
-
-
-def _squad_question(qa: dict[str, Any], context: str, where: str) -> QAExample:
-    for key in ("id", "question"):
-        if key not in qa:
-            raise InputError(f"{where}: a question is missing column {key!r}")
-    answers = qa.get("answers", [])
-    if not answers and not qa.get("is_impossible", False):
-        raise InputError(f"{where} question {qa['id']!r}: missing column 'answers'")
-    for ans in answers:
-        text, start = ans.get("text"), ans.get("answer_start")
-        if not isinstance(text, str) or not isinstance(start, int):
-            raise InputError(f"{where} question {qa['id']!r}: an answer needs 'text' and an integer 'answer_start'")
-        if context[start : start + len(text)] != text:
-            raise InputError(f"{where} question {qa['id']!r}: answer {text!r} is not at answer_start {start} "
-                             f"of its context")
-    return QAExample(str(qa["id"]), qa["question"], context, list(answers))
-
-
-@dataclass
-class QAFeatures:
-    """Model-ready windows of QA examples (`items`, for QACollator) and what span decoding needs per item:
-    the example it came from, the position of its first context token, and the context tokens' char offsets."""
-
-    items: list[dict[str, int | list[int]]] = field(default_factory=list)
-    example_index: list[int] = field(default_factory=list)
-    context_start: list[int] = field(default_factory=list)
-    offsets: list[list[tuple[int, int]]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-
-def qa_features(examples: Sequence[QAExample], tokenizer: Any, max_length: int = 384, doc_stride: int = 128,
-                max_question_length: int = 64) -> QAFeatures:
-    """Encode each example as `</s> question </s> context` (the pair template of the tokenizer) in windows of
-    at most `max_length` tokens that overlap by `doc_stride` context tokens; the answer's token span is the
-    target in the window that holds it whole, (0, 0) elsewhere and for unanswerable questions.
-
-    Example:
-        >>> feats = qa_features(read_squad("train.json"), tok, max_length=256, doc_stride=64)  # doctest: +SKIP
-        >>> feats[0].keys()  # doctest: +SKIP
-        dict_keys(['input_ids', 'start_positions', 'end_positions', 'feature_index'])
-    """
-    if doc_stride >= max_length - max_question_length - 2:
-        raise InputError(f"doc_stride {doc_stride} must be smaller than max_seq_length {max_length} minus the "
-                         f"question ({max_question_length} tokens) and 2 separators")
-    backend = offsets_tokenizer(tokenizer)
-    bos, sep = tokenizer.bos_token_id, tokenizer.eos_token_id
-    out = QAFeatures()
-    for ex_index, ex in enumerate(examples):
-        question = backend.encode(ex.question, add_special_tokens=False).ids[:max_question_length]
-        ctx = backend.encode(ex.context, add_special_tokens=False)
-        room = max_length - len(question) - 2
-        answer = ex.answers[0] if ex.answers else None
-        for lo, hi in _windows(len(ctx.ids), room, doc_stride):
-            prefix = [bos, *question, sep]
-            span = _answer_span(ctx.offsets, lo, hi, answer) if answer else None
-            start, end = (span[0] + len(prefix), span[1] + len(prefix)) if span else (0, 0)
-            out.items.append({"input_ids": prefix + ctx.ids[lo:hi], "start_positions": start, "end_positions": end,
-                              "feature_index": len(out.items)})
-            out.example_index.append(ex_index)
-            out.context_start.append(len(prefix))
-            out.offsets.append(list(ctx.offsets[lo:hi]))
-    return out
-
-
-def offsets_tokenizer(tokenizer: Any) -> Tokenizer:
-    """A private copy of the tokenizer's Rust backend, without padding or truncation, for char offsets
-    (the shared backend carries the settings of the last call)."""
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_padding()
-    backend.no_truncation()
-    return backend
-
-
-def _windows(n: int, room: int, overlap: int) -> list[tuple[int, int]]:
-    """Token ranges [lo, hi) of at most `room` tokens covering 0..n, consecutive ones sharing `overlap`."""
-    spans, lo = [], 0
-    while True:
-        hi = min(lo + room, n)
-        spans.append((lo, hi))
-        if hi >= n:
-            return spans
-        lo += room - overlap
-
-
-def _answer_span(offsets: Sequence[tuple[int, int]], lo: int, hi: int,
-                 answer: dict[str, Any]) -> tuple[int, int] | None:
-    """Window-relative first and last token of the answer, or None when the window does not hold all of it.
-    Byte-level tokens carry their leading space, so a token 'covers' a char when its end lies past it."""
-    char_start = answer["answer_start"]
-    char_end = char_start + len(answer["text"])
-    if hi <= lo or offsets[lo][0] > char_start or offsets[hi - 1][1] < char_end:
-        return None
-    first = next(i for i in range(lo, hi) if offsets[i][1] > char_start)
-    last = next(i for i in range(hi - 1, lo - 1, -1) if offsets[i][0] < char_end)
-    return first - lo, last - lo

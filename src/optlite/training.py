@@ -1,10 +1,11 @@
-"""The reusable parts of a training loop on accelerate: configuration, optimizer and LR schedules, the data order
-of each process, one optimizer step with gradient accumulation, evaluation, checkpoints that resume exactly,
-a progress bar and JSONL metrics.
+"""The reusable parts of a training loop on accelerate: optimizer and LR schedules, the data order of each
+process, one optimizer step with gradient accumulation, evaluation, checkpoints that resume exactly, the final
+save, a progress bar and JSONL metrics. Its settings (and flags) are in train_config.py.
 
     from optlite import OPTForCausalLM
     from optlite.data import CausalLMCollator, TokenBlocks, read_texts
-    from optlite.training import ModelSource, TrainConfig, train
+    from optlite.train_config import ModelSource, TrainConfig
+    from optlite.training import train
 
     source = ModelSource.resolve("facebook/opt-125m")
     tok = source.tokenizer()
@@ -18,14 +19,12 @@ accelerate, deals each process its own batches and keeps their weights identical
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,157 +36,15 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from .config import OPTConfig
 from .data import InputError, count_loss_items, model_inputs
 from .metrics import EvalMetric
 from .tokenizer import OPTTokenizer
+from .train_config import TrainConfig, make_accelerator
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-# ---------------------------------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class TrainConfig:
-    """The training-loop settings, under the flag names of accelerate's / transformers' run_clm_no_trainer.py.
-
-    `max_train_steps` (optimizer steps) wins over `num_train_epochs`. `checkpointing_steps`: an int (every N steps,
-    into output_dir/step_N) or "epoch" (output_dir/epoch_E). `resume_from_checkpoint`: such a folder, or "latest"
-    (the most advanced one in output_dir). `mixed_precision`: "no", "fp16", "bf16", or None for accelerate's
-    config / environment.
-
-    Example:
-        >>> TrainConfig("out", max_train_steps=100, checkpointing_steps="50").checkpointing_steps
-        50
-    """
-
-    output_dir: str
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    num_train_epochs: int = 3
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    lr_scheduler_type: str = "linear"
-    num_warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    seed: int = 42
-    checkpointing_steps: int | str | None = None
-    resume_from_checkpoint: str | None = None
-    gradient_checkpointing: bool = False
-    mixed_precision: str | None = None
-    logging_steps: int = 10
-    eval_steps: int | None = None  # besides the evaluation at each epoch's end and at the last step
-    dataloader_num_workers: int = 0
-    write_rank_digests: bool = False  # each process writes a hash of its parameters (checks that ranks agree)
-
-    def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs",
-                     "gradient_accumulation_steps", "logging_steps", "max_train_steps", "eval_steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_warmup_steps < 0:
-            raise InputError(f"num_warmup_steps must be >= 0, got {self.num_warmup_steps}")
-        if self.lr_scheduler_type not in SCHEDULES:
-            raise InputError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {', '.join(SCHEDULES)}")
-        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
-            raise InputError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        ckpt = self.checkpointing_steps
-        if isinstance(ckpt, str) and ckpt.isdigit():
-            self.checkpointing_steps = ckpt = int(ckpt)
-        if ckpt is not None and ckpt != "epoch" and (not isinstance(ckpt, int) or ckpt < 1):
-            raise InputError(f"checkpointing_steps must be a positive integer or 'epoch', got {ckpt!r}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        """The config from parsed command-line flags (those `add_train_args` defines)."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the training-loop flags, with run_clm_no_trainer.py's names and defaults, to `parser`.
-
-    Example:
-        >>> args = add_train_args(argparse.ArgumentParser()).parse_args(["--output_dir", "out"])
-        >>> TrainConfig.from_args(args).learning_rate
-        5e-05
-    """
-    d = TrainConfig("")
-    a = parser.add_argument
-    a("--output_dir", required=True, help="where the model, checkpoints and metrics.jsonl are written")
-    a("--per_device_train_batch_size", type=int, default=d.per_device_train_batch_size)
-    a("--per_device_eval_batch_size", type=int, default=d.per_device_eval_batch_size)
-    a("--learning_rate", type=float, default=d.learning_rate, help="peak learning rate of AdamW")
-    a("--weight_decay", type=float, default=d.weight_decay, help="AdamW decay (not on biases and LayerNorms)")
-    a("--num_train_epochs", type=int, default=d.num_train_epochs)
-    a("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
-    a("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
-    a("--lr_scheduler_type", default=d.lr_scheduler_type, choices=SCHEDULES)
-    a("--num_warmup_steps", type=int, default=d.num_warmup_steps)
-    a("--max_grad_norm", type=float, default=d.max_grad_norm, help="gradient clipping; 0 turns it off")
-    a("--seed", type=int, default=d.seed)
-    a("--checkpointing_steps", default=None, help='save the training state every N steps, or "epoch"')
-    a("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest" (in --output_dir)')
-    a("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    a("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate's config")
-    a("--logging_steps", type=int, default=d.logging_steps)
-    a("--eval_steps", type=int, default=None, help="also evaluate every N steps (always: each epoch, the end)")
-    a("--dataloader_num_workers", type=int, default=0)
-    a("--write_rank_digests", action="store_true", help="each process writes a hash of its weights at the end")
-    return parser
-
-
-# ---------------------------------------------------------------------------------------------------- model source
-
-
-@dataclass
-class ModelSource:
-    """What `--model_name_or_path` names: a checkpoint folder, a hub repo id, or a preset name ("opt-125m",
-    random weights: the tokenizer must then come from elsewhere).
-
-    Example:
-        >>> src = ModelSource.resolve("opt-125m")
-        >>> src.is_preset, src.config.hidden_size
-        (True, 768)
-    """
-
-    name: str
-    config: OPTConfig
-    is_preset: bool
-
-    @classmethod
-    def resolve(cls, name_or_path: str) -> ModelSource:
-        if not Path(name_or_path).is_dir() and name_or_path in OPTConfig.preset_names():
-            return cls(name_or_path, OPTConfig.from_preset(name_or_path), True)
-        return cls(str(name_or_path), OPTConfig.from_pretrained(name_or_path), False)
-
-    def tokenizer(self, tokenizer_name: str | None = None) -> OPTTokenizer:
-        """The tokenizer of `tokenizer_name`, else of the checkpoint itself."""
-        if tokenizer_name is None and self.is_preset:
-            raise InputError(f"model {self.name!r} is a preset (random weights, no tokenizer): "
-                             "pass --tokenizer_name (a tokenizer folder or hub id)")
-        return OPTTokenizer.from_pretrained(tokenizer_name or self.name)
-
-    def load(self, cls: type[nn.Module], tokenizer: OPTTokenizer | None = None, ignore_mismatched_sizes: bool = False,
-             **config_overrides: Any) -> nn.Module:
-        """The model in fp32 (the optimizer's master weights): the checkpoint's weights, or a random init of the
-        preset (seed first). The pad id follows the tokenizer's, and the embeddings grow to its size if needed."""
-        if tokenizer is not None:
-            config_overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
-        if self.is_preset:
-            model = cls(OPTConfig.from_preset(self.name, **config_overrides))
-        else:
-            model = cls.from_pretrained(self.name, ignore_mismatched_sizes=ignore_mismatched_sizes, **config_overrides)
-        if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
-            model.resize_token_embeddings(len(tokenizer))  # as run_clm: new tokens get rows
-        return model
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
@@ -502,56 +359,6 @@ def train(model: nn.Module, train_dataset: Any, collate_fn: Callable, config: Tr
         digest = param_digest(accelerator.unwrap_model(loop.model))
         Path(config.output_dir, f"param_digest_rank{accelerator.process_index}.txt").write_text(digest + "\n")
     return TrainResult(loop.model, accelerator, loop.state, loop.eval_metrics, loop.history)
-
-
-def make_accelerator(mixed_precision: str | None = None) -> Any:
-    """An Accelerator that sees the launch at hand, including `torchrun --nproc_per_node N` on a machine without
-    GPUs: accelerate treats such processes as one-process runs unless told cpu=True, which is passed here.
-
-    Example:
-        >>> acc = make_accelerator("bf16")  # doctest: +SKIP
-        >>> acc.num_processes, acc.distributed_type  # doctest: +SKIP
-        (2, <DistributedType.MULTI_CPU: 'MULTI_CPU'>)
-    """
-    from accelerate import Accelerator
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not _has_accelerator_device())
-    if world > 1 and acc.num_processes != world:
-        raise RuntimeError(f"launched as {world} processes but accelerate sees {acc.num_processes}")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
-        _enable_fsdp_on_cpu(acc)
-    return acc
-
-
-def _enable_fsdp_on_cpu(accelerator: Any) -> None:
-    """accelerate's AcceleratorState turns an FSDP launch config into DistributedType.FSDP only for GPU-like
-    backends, and on CPU silently runs DDP instead; torch's fully_shard works on gloo, so switch the state over
-    with the plugin accelerate builds from the launch config (its FSDP_* environment variables)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
-        raise InputError("FSDP on CPU needs fsdp_version: 2 (torch's fully_shard) in the accelerate config")
-    if accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(accelerator.mixed_precision)
-    accelerator.state.fsdp_plugin = plugin
-    accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState().distributed_type = DistributedType.FSDP  # as AcceleratorState does on GPUs, or it reverts to DDP
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Logging for the training scripts: `level` on the main process (RANK 0), warnings only on the others, and
-    accelerate's several INFO lines per checkpoint silenced."""
-    main = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=level if main else logging.WARNING)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-
-
-def _has_accelerator_device() -> bool:
-    accel = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return bool(accel.is_available()) if accel is not None else torch.cuda.is_available()
 
 
 class _Loop:
