@@ -7,6 +7,7 @@ value at fault (`InputError`). Datasets are plain lists or tensors: anything wit
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ def read_utf8(p: Path, role: str) -> str:
 
 
 def _parse_csv(p: Path, text: str, columns: Sequence[str], role: str) -> tuple[list[dict], list[str]]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields may hold line breaks
     header = reader.fieldnames or []
     missing = [c for c in columns if c not in header]
     if missing:
