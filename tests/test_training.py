@@ -368,6 +368,13 @@ def test_fsdp_on_cpu_through_accelerate(files, ddp_run, tmp_path):
     for k, v in weights(ddp_run).items():
         torch.testing.assert_close(weights(out)[k], v, atol=1e-5, rtol=1e-4)
     assert_transformers_agrees(out, "OPTForCausalLM", *padded_batch(files.tok))
+    resumed = tmp_path / "resumed"  # sharded checkpoints resume too
+    shutil.copytree(out / "step_4", resumed / "step_4")
+    launch(BIN / "accelerate", "launch", "--config_file", ROOT / "configs" / "accelerate" / "fsdp_cpu.yaml",
+           "--num_processes", 2, "--main_process_port", free_port(), ROOT / "scripts" / "train_clm.py",
+           *clm_args(files, resumed, "--per_device_train_batch_size", 4, "--max_train_steps", 8,
+                     "--resume_from_checkpoint", "latest"))
+    assert losses(resumed) == {s: v for s, v in losses(out).items() if s > 4}
 
 
 def _classification_rows(n: int, seed: int) -> list[dict]:
