@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from optlite import OPTForCausalLM
 from optlite.data import CausalLMCollator, InputError, TokenBlocks, check_block_size, read_texts
@@ -48,22 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         source = ModelSource.resolve(args.model_name_or_path)
         block_size = check_block_size(args.block_size, source.config.max_position_embeddings)
         tok = source.tokenizer(args.tokenizer_name)
-        keep = not args.no_keep_linebreaks
-        texts = read_texts(args.train_file, args.text_column, keep)
-        if args.validation_file:
-            eval_texts = read_texts(args.validation_file, args.text_column, keep, role="validation file")
-        else:  # run_clm's split: the first N% of the documents
-            n_eval = len(texts) * args.validation_split_percentage // 100
-            eval_texts, texts = texts[:n_eval], texts[n_eval:]
-        blocks = TokenBlocks.from_texts(texts, tok, block_size, source=f"train file {args.train_file}")
-        eval_blocks = None
-        if args.validation_file:
-            eval_blocks = TokenBlocks.from_texts(eval_texts, tok, block_size, source=args.validation_file)
-        elif eval_texts:
-            try:
-                eval_blocks = TokenBlocks.from_texts(eval_texts, tok, block_size, source="the held-out text")
-            except InputError as e:
-                logging.warning("no evaluation: %s", e)
+        blocks, eval_blocks = load_blocks(args, tok, block_size)
         set_seed(args.seed)  # the same initial weights on every process
         model = source.load(OPTForCausalLM, tok)
         train(model, blocks, CausalLMCollator(tok.pad_token_id), config, eval_dataset=eval_blocks,
@@ -71,6 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as e:
         sys.exit(f"train_clm.py: error: {e}")
     return 0
+
+
+def load_blocks(args: argparse.Namespace, tok: Any, block_size: int) -> tuple[TokenBlocks, TokenBlocks | None]:
+    """Train and validation blocks: those of --validation_file, or run_clm's split (the first N% of documents)."""
+    keep = not args.no_keep_linebreaks
+    texts = read_texts(args.train_file, args.text_column, keep)
+    if args.validation_file:
+        eval_texts = read_texts(args.validation_file, args.text_column, keep, role="validation file")
+        eval_blocks = TokenBlocks.from_texts(eval_texts, tok, block_size, source=args.validation_file)
+    else:
+        n_eval = len(texts) * args.validation_split_percentage // 100
+        eval_texts, texts = texts[:n_eval], texts[n_eval:]
+        try:
+            eval_blocks = TokenBlocks.from_texts(eval_texts, tok, block_size, source="the held-out text") \
+                if eval_texts else None
+        except InputError as e:  # a small file's held-out share may not fill a block: train without evaluation
+            logging.warning("no evaluation: %s", e)
+            eval_blocks = None
+    return TokenBlocks.from_texts(texts, tok, block_size, source=f"train file {args.train_file}"), eval_blocks
 
 
 if __name__ == "__main__":

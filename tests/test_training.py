@@ -317,6 +317,14 @@ def test_clm_resume_continues_exactly(files, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_clm_holds_out_a_validation_split_without_a_validation_file(files, tmp_path):
+    out = tmp_path / "out"
+    assert run_script("train_clm", "--model_name_or_path", files.ckpt, "--train_file", files.dir / "small.txt",
+                      "--validation_split_percentage", 25, "--block_size", 32, "--per_device_train_batch_size", 4,
+                      "--max_train_steps", 2, "--output_dir", out) == 0
+    assert json.loads((out / "eval_results.json").read_text())["eval_tokens"] > 0
+
+
 @pytest.fixture(scope="module")
 def ddp_run(files, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp") / "out"

@@ -392,7 +392,7 @@ class _Loop:
         self.history: list[dict[str, Any]] = []
         self.eval_metrics: dict[str, float] | None = None
         self._window: list[StepStats] = []
-        self._window_start = time.perf_counter()
+        self._window_start = 0.0
 
     def resume(self, path: Path) -> None:
         self.acc.load_state(str(path))  # model, optimizer, scheduler, TrainerState and every RNG
@@ -411,6 +411,7 @@ class _Loop:
         cfg = self.config
         self.bar = tqdm(total=self.max_steps, initial=self.state.completed_steps, desc="train", unit="step",
                         disable=not self.acc.is_local_main_process, dynamic_ncols=True)
+        self._window_start = time.perf_counter()  # tokens/s counts training time only (not loading or resuming)
         while self.state.completed_steps < self.max_steps:
             batches = epoch_batches(len(self.dataset), cfg.per_device_train_batch_size, self.acc.num_processes,
                                     self.acc.process_index, cfg.seed, self.state.epoch)
