@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -260,6 +261,17 @@ def test_legacy_non_zip_bin_loads(tmp_path, layouts):
     assert_same(outputs(ref, ids, mask)[0], outputs(model, ids, mask)[0])
 
 
+class WithScratchBuffer(optlite.OPTModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)  # in no checkpoint
+
+
+def test_nothing_stays_on_meta(layouts):
+    with pytest.raises(CheckpointError, match="still on the meta device.*scratch"):
+        WithScratchBuffer.from_pretrained(layouts["tf_single"])
+
+
 def test_import_pulls_in_neither_transformers_nor_accelerate():
     code = "import sys, optlite; print(sorted(m for m in ('transformers', 'accelerate') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
@@ -467,6 +479,16 @@ def test_save_in_a_child_that_hits_the_file_size_limit_or_is_killed(tmp_path, mo
     assert sorted(os.listdir(tmp_path)) == ["child.py", "ckpt"]
 
 
+def test_saving_into_the_working_directory(tmp_path, monkeypatch):
+    _, ours = make_pair("OPTModel", "pre_ln")
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path / "ckpt")
+    ours.save_pretrained(".")
+    ours.save_pretrained(".")
+    assert Path.cwd() == (tmp_path / "ckpt").resolve() and Path("model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
 def test_saving_over_the_checkpoint_a_model_was_mapped_from(tmp_path):
     ref, _ = make_pair("OPTForCausalLM", "pre_ln")
     ref.save_pretrained(tmp_path)
@@ -649,10 +671,10 @@ def test_device_map_errors(tmp_path, layouts):
 
 
 def test_convert_sharded_bin_to_safetensors(tmp_path, layouts):
-    ref, _ = make_pair("OPTForCausalLM", "post_ln_proj", seed=7)
     src = tmp_path / "src"
-    ref.half().save_pretrained(src, safe_serialization=False, max_shard_size="20KB")
+    shutil.copytree(layouts["hub_6.7b_sharded_bin"], src)  # decoder.* in 3 fp16 .bin shards with an index
     (src / "vocab.json").write_text("{}")
+    assert (src / "pytorch_model.bin.index.json").exists()
     expected = transformers.OPTForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     dst = optlite.convert(src, tmp_path / "dst", dtype="bfloat16", max_shard_size="30KB", progress=False)
     names = sorted(os.listdir(dst))
@@ -660,18 +682,18 @@ def test_convert_sharded_bin_to_safetensors(tmp_path, layouts):
     assert not any(n.endswith(".bin") for n in names)
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     assert all(k.startswith("model.decoder.") for k in index["weight_map"])  # our layout, tied lm_head not stored
+    assert "model.decoder.version" not in index["weight_map"]
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
     converted = transformers.OPTForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
     for key, value in expected.state_dict().items():
         assert torch.equal(value.to(torch.bfloat16), converted.state_dict()[key].to(torch.bfloat16)), key
-    # The hub's 350m layout (decoder.*, no lm_head, decoder.version), dtype kept.
-    dst2 = optlite.convert(layouts["hub_350m_bin"], tmp_path / "dst2")
+    # The hub's 125m layout (model.decoder.* + a stored copy of lm_head), dtype kept, one file.
+    dst2 = optlite.convert(layouts["hub_125m_bin"], tmp_path / "dst2")
     assert sorted(os.listdir(dst2)) == ["config.json", "model.safetensors"]
-    ref350 = transformers.OPTForCausalLM.from_pretrained(layouts["hub_350m_bin"], dtype=torch.float16).eval()
+    ref = transformers.OPTForCausalLM.from_pretrained(layouts["hub_125m_bin"], dtype=torch.float16).eval()
     ours = optlite.OPTForCausalLM.from_pretrained(dst2, dtype="auto")
-    ids, mask = batch("none")
     assert ours.dtype == torch.float16
-    for key, value in ref350.state_dict().items():
+    for key, value in ref.state_dict().items():
         assert torch.equal(value, ours.state_dict()[key]), key
 
 

@@ -1,8 +1,8 @@
 """optlite: Meta's OPT language models in plain PyTorch, numerically identical to transformers' OPT."""
 
 from .cache import DynamicCache, StaticCache
-from .checkpoint import convert
 from .config import OPTConfig
+from .convert import convert
 from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from .modeling import OPTModel, OPTPreTrainedModel
 from .tokenizer import BatchEncoding, OPTTokenizer

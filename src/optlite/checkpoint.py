@@ -46,9 +46,6 @@ WEIGHT_CANDIDATES = [(SAFE_WEIGHTS_NAME, "safetensors", False), (SAFE_INDEX_NAME
 # Files a save owns: replaced or removed by the next save, so no stale shard stays mixed with new ones.
 _OWNED = re.compile(r"(config\.json|model\.safetensors(\.index\.json)?|pytorch_model\.bin(\.index\.json)?"
                     r"|(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin))")
-# Files besides the weights that convert() copies along when the source has them.
-SIDE_FILES = ["generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-              "merges.txt", "tokenizer.json"]
 HEAD_PREFIXES = ("lm_head.", "score.", "qa_outputs.")
 IGNORED_KEYS = {"decoder.version"}  # a fairseq leftover in hub checkpoints
 
@@ -481,7 +478,8 @@ def initialize(model: nn.Module, keys: list[str], device_of: Callable[[str], tor
 
 def check_no_meta(model: nn.Module, allowed: set[str]) -> None:
     """Raise naming every parameter or buffer still on the meta device (except disk-offloaded ones)."""
-    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta and k not in allowed]
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    left = [k for k, t in tensors if t.is_meta and k not in allowed]  # non-persistent buffers included
     if left:
         raise CheckpointError(f"after loading, {len(left)} tensors are still on the meta device (never loaded nor "
                               f"initialised): {', '.join(left[:10])}")
@@ -675,7 +673,7 @@ def _load_tensors(model: nn.Module, files: CheckpointFiles, plan: LoadPlan, stor
     # Not when offloading to disk, where the point is to hold little: one tensor at a time.
     workers = 1 if any(device_of(k) == "disk" for k in plan.assign) else min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i in _progress(range(len(files.shards)), progress, len(files.shards)):
+        for i in progress_bar(range(len(files.shards)), progress, len(files.shards)):
             shard = open_shard(files.shards[i], files.format)
 
             def read(item: tuple[str, str], shard: SafetensorsShard | BinShard = shard) -> tuple[str, Any, dict]:
@@ -716,7 +714,7 @@ def _dispatch(model: nn.Module, device_map: dict[str, Any], offload_folder: Any,
                    offload_index=index or None)
 
 
-def _progress(it: Any, enabled: bool, total: int) -> Any:
+def progress_bar(it: Any, enabled: bool, total: int) -> Any:
     if not enabled or total < 2:
         return it
     from tqdm.auto import tqdm
@@ -853,11 +851,15 @@ def _commit(stage: Path, target: Path) -> None:
     for entry in target.iterdir():
         if not _OWNED.fullmatch(entry.name) and not (stage / entry.name).exists():
             _carry(entry, stage / entry.name)
+    os.chmod(stage, target.stat().st_mode & 0o7777)
+    cwd = os.getcwd()
     if not _exchange(stage, target):
         aside = target.with_name(f".{target.name}.optlite-old-{uuid.uuid4().hex[:8]}")
         os.rename(target, aside)  # without an atomic exchange, two renames (target is absent only in between)
         os.rename(stage, target)
         os.rename(aside, stage)
+    if cwd == str(target) or cwd.startswith(str(target) + os.sep):
+        os.chdir(cwd)  # our working directory was the old folder, about to be deleted: follow the new one
 
 
 def _carry(src: Path, dst: Path) -> None:
@@ -928,69 +930,3 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, max_sha
         writer.finish()
         write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(save_directory)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# convert
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def convert(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int | str = "5GB",
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    progress: bool = True,
-) -> Path:
-    """Rewrite any loadable OPT checkpoint (e.g. the hub's pickled `.bin` shards) as safetensors in optlite's layout:
-    `model.decoder.*` keys, no `lm_head.weight` when tied, config.json (+ tokenizer files when present), optionally
-    in another dtype and shard size. Streams shard by shard; the destination is replaced atomically.
-
-    Example:
-        >>> import optlite
-        >>> optlite.convert("facebook/opt-1.3b", "opt-1.3b-st", dtype="float16")  # doctest: +SKIP
-        PosixPath('opt-1.3b-st')
-    """
-    from .heads import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
-    from .modeling import OPTModel
-
-    source = Source(src, revision, cache_dir, local_files_only, token)
-    config = OPTConfig.from_pretrained(src, revision=revision, cache_dir=cache_dir,
-                                       local_files_only=local_files_only, token=token)
-    files = find_checkpoint(source, with_config=False)
-    stored = scan_shards(files)
-    classes = {c.__name__: c for c in (OPTModel, OPTForCausalLM, OPTForSequenceClassification,
-                                       OPTForQuestionAnswering)}
-    arch = (config.extra.get("architectures") or ["OPTForCausalLM"])[0]
-    cls = classes.get(arch, OPTForCausalLM)
-    model = build_on_meta(cls, config, files, stored, source)
-    plan = plan_load(model, stored, files)
-    cast = parse_dtype(dtype) if dtype is not None else None
-    by_shard: dict[int, list[tuple[str, str]]] = {}
-    for mkey, (skey, shard) in plan.assign.items():
-        by_shard.setdefault(shard, []).append((mkey, skey))
-    out_config = config.to_dict()
-    out_config.setdefault("architectures", [cls.__name__])
-    with staged_directory(dst) as stage:
-        writer = ShardWriter(stage, parse_size(max_shard_size))
-        for i in _progress(range(len(files.shards)), progress, len(files.shards)):
-            shard = open_shard(files.shards[i], files.format)
-            for mkey, skey in by_shard.get(i, []):
-                t = shard.tensor(skey, cast if stored[skey][0].dtype.is_floating_point else None, torch.device("cpu"))
-                writer.add(mkey, t)
-                out_config["torch_dtype"] = dtype_name(t.dtype) if t.is_floating_point() else out_config["torch_dtype"]
-            shard.close()
-        writer.finish()
-        write_text(stage / CONFIG_NAME, json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-        for name in SIDE_FILES:
-            path = source.file(name, required=False)
-            if path is not None:
-                shutil.copyfile(path, stage / name)
-    plan.report.newly_initialized_keys = []  # convert writes what is there and initialises nothing
-    plan.report.log("convert", source, f"{files.format} -> safetensors")
-    return Path(dst)
