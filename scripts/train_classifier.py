@@ -1,0 +1,75 @@
+"""Fine-tune OPT for sequence classification on a csv / jsonl file of texts and labels.
+
+    python scripts/train_classifier.py --model_name_or_path facebook/opt-125m --train_file train.csv \\
+        --validation_file dev.csv --text_column sentence --label_column label --num_train_epochs 3 \\
+        --output_dir out/opt-125m-sst2
+
+Labels are integers 0..num_labels-1, or strings mapped to ids in sorted order (or by the checkpoint's
+id2label when it has names); the mapping is stored in config.json as id2label / label2id. The result loads with
+OPTForSequenceClassification.from_pretrained and transformers' class of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from optlite import OPTForSequenceClassification
+from optlite.data import ClassificationCollator, InputError, LabelMap, classification_examples, read_records
+from optlite.metrics import Accuracy
+from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
+from optlite.training import train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model_name_or_path", help="checkpoint folder, hub id, or preset (opt-125m); required")
+    p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
+    p.add_argument("--train_file", help=".csv (with a header), .jsonl or .json")
+    p.add_argument("--validation_file", default=None)
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--num_labels", type=int, default=None, help="default: from the labels of the train file")
+    p.add_argument("--max_length", type=int, default=128, help="longer texts are truncated")
+    p.add_argument("--ignore_mismatched_sizes", action="store_true",
+                   help="re-initialise a checkpoint's classifier head of another number of labels")
+    return parse_with_recipe(add_train_args(p), argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    from accelerate.utils import set_seed
+
+    try:
+        config = TrainConfig.from_args(args)
+        source = ModelSource.resolve(args.model_name_or_path)
+        tok = source.tokenizer(args.tokenizer_name)
+        columns = [args.text_column, args.label_column]
+        train_records = read_records(args.train_file, columns)
+        eval_records = read_records(args.validation_file, columns, role="validation file") \
+            if args.validation_file else None
+        labels = LabelMap.infer(train_records.column(args.label_column),
+                                [train_records.where(i) for i in range(len(train_records))],
+                                num_labels=args.num_labels, known_names=_named_labels(source))
+        examples = classification_examples(train_records, tok, labels, *columns, max_length=args.max_length)
+        eval_examples = classification_examples(eval_records, tok, labels, *columns, max_length=args.max_length) \
+            if eval_records else None
+        set_seed(args.seed)  # the same initial weights (the new head) on every process
+        model = source.load(OPTForSequenceClassification, tok, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+                            num_labels=len(labels.names), id2label=labels.id2label, label2id=labels.label2id)
+        train(model, examples, ClassificationCollator(tok.pad_token_id), config, eval_dataset=eval_examples,
+              metric_factory=Accuracy, tokenizer=tok)
+    except (InputError, FileNotFoundError) as e:
+        sys.exit(f"train_classifier.py: error: {e}")
+    return 0
+
+
+def _named_labels(source: ModelSource) -> list[str] | None:
+    """The label names of a fine-tuned classifier checkpoint; None for the placeholder LABEL_i names."""
+    names = [source.config.id2label[i] for i in sorted(source.config.id2label)]
+    return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Evaluation metrics summed over processes: perplexity (causal LM) and accuracy (classification); the SQuAD
+metric lives with the rest of question answering in qa.py.
+
+A metric sees each evaluation batch with the model's outputs and a `keep` mask (rows that pad a process's share
+of the data so all processes run the same number of batches have keep = 0), then `compute` reduces across
+processes. Losses are recomputed per row from the logits so that padding rows can be left out exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+
+
+class EvalMetric(Protocol):
+    def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None: ...
+
+    def compute(self, accelerator: Any) -> dict[str, float]: ...
+
+
+class RunningSums:
+    """Named float64 running sums, reduced across processes in one collective."""
+
+    def __init__(self, *names: str):
+        self.names = names
+        self.values: torch.Tensor | None = None
+
+    def add(self, *values: torch.Tensor) -> None:
+        row = torch.stack([v.double().sum() for v in values])
+        self.values = row if self.values is None else self.values + row
+
+    def reduce(self, accelerator: Any) -> dict[str, float]:
+        values = self.values if self.values is not None else torch.zeros(len(self.names), dtype=torch.float64,
+                                                                         device=accelerator.device)
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values.clone(), reduction="sum")
+        return dict(zip(self.names, values.tolist(), strict=True))
+
+
+class Perplexity:
+    """Token-weighted eval loss of a causal LM and its exp, the perplexity.
+
+    Example:
+        >>> metrics = evaluate(accelerator, model, blocks, collate, 8, Perplexity())  # doctest: +SKIP
+        >>> metrics  # doctest: +SKIP
+        {'eval_loss': 3.21, 'perplexity': 24.8, 'eval_tokens': 16320}
+    """
+
+    def __init__(self) -> None:
+        self.sums = RunningSums("loss", "tokens")
+
+    def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None:
+        logits = outputs.logits.float()  # (B, T, V)
+        targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): position t predicts t + 1
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        counted = (targets != IGNORE_INDEX).sum(-1) * keep  # (B,)
+        self.sums.add(nll.sum(-1) * keep, counted)
+
+    def compute(self, accelerator: Any) -> dict[str, float]:
+        s = self.sums.reduce(accelerator)
+        loss = s["loss"] / max(s["tokens"], 1.0)
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(s["tokens"])}
+
+
+class Accuracy:
+    """Mean cross-entropy and accuracy of a single-label classifier.
+
+    Example:
+        >>> evaluate(accelerator, model, examples, collate, 32, Accuracy())  # doctest: +SKIP
+        {'eval_loss': 0.41, 'accuracy': 0.87, 'eval_examples': 872}
+    """
+
+    def __init__(self) -> None:
+        self.sums = RunningSums("loss", "correct", "examples")
+
+    def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None:
+        logits, labels = outputs.logits.float(), batch["labels"]
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        self.sums.add(loss * keep, (logits.argmax(-1) == labels) * keep, keep)
+
+    def compute(self, accelerator: Any) -> dict[str, float]:
+        s = self.sums.reduce(accelerator)
+        n = max(s["examples"], 1.0)
+        return {"eval_loss": s["loss"] / n, "accuracy": s["correct"] / n, "eval_examples": int(s["examples"])}

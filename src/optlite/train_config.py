@@ -1,0 +1,267 @@
+"""What a training script settles before the loop: the loop's settings and their command-line flags, where the
+model comes from (checkpoint, hub id or preset), an Accelerator that sees the launch (torchrun or accelerate
+launch, GPUs or CPU processes), and logging.
+
+Example:
+    >>> import argparse
+    >>> args = add_train_args(argparse.ArgumentParser()).parse_args(["--output_dir", "out", "--max_train_steps", "9"])
+    >>> TrainConfig.from_args(args).max_train_steps
+    9
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import OPTConfig
+from .data import InputError
+from .tokenizer import OPTTokenizer
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+# ---------------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """The training-loop settings, under the flag names of accelerate's / transformers' run_clm_no_trainer.py.
+
+    `max_train_steps` (optimizer steps) wins over `num_train_epochs`. `checkpointing_steps`: an int (every N steps,
+    into output_dir/step_N) or "epoch" (output_dir/epoch_E). `resume_from_checkpoint`: such a folder, or "latest"
+    (the most advanced one in output_dir). `mixed_precision`: "no", "fp16", "bf16", or None for accelerate's
+    config / environment.
+
+    Example:
+        >>> TrainConfig("out", max_train_steps=100, checkpointing_steps="50").checkpointing_steps
+        50
+    """
+
+    output_dir: str
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    num_train_epochs: int = 3
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "linear"
+    num_warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    seed: int = 42
+    checkpointing_steps: int | str | None = None
+    resume_from_checkpoint: str | None = None
+    gradient_checkpointing: bool = False
+    mixed_precision: str | None = None
+    logging_steps: int = 10
+    eval_steps: int | None = None  # besides the evaluation at each epoch's end and at the last step
+    dataloader_num_workers: int = 0
+    write_rank_digests: bool = False  # each process writes a hash of its parameters (checks that ranks agree)
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs",
+                     "gradient_accumulation_steps", "logging_steps", "max_train_steps", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_warmup_steps < 0:
+            raise InputError(f"num_warmup_steps must be >= 0, got {self.num_warmup_steps}")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise InputError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {', '.join(SCHEDULES)}")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise InputError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        ckpt = self.checkpointing_steps
+        if isinstance(ckpt, str) and ckpt.isdigit():
+            self.checkpointing_steps = ckpt = int(ckpt)
+        if ckpt is not None and ckpt != "epoch" and (not isinstance(ckpt, int) or ckpt < 1):
+            raise InputError(f"checkpointing_steps must be a positive integer or 'epoch', got {ckpt!r}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """The config from parsed command-line flags (those `add_train_args` defines)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the training-loop flags, with run_clm_no_trainer.py's names and defaults, to `parser`.
+
+    Example:
+        >>> args = add_train_args(argparse.ArgumentParser()).parse_args(["--output_dir", "out"])
+        >>> TrainConfig.from_args(args).learning_rate
+        5e-05
+    """
+    d = TrainConfig("")
+    a = parser.add_argument
+    a("--output_dir", help="where the model, checkpoints and metrics.jsonl are written (required)")
+    a("--per_device_train_batch_size", type=int, default=d.per_device_train_batch_size)
+    a("--per_device_eval_batch_size", type=int, default=d.per_device_eval_batch_size)
+    a("--learning_rate", type=float, default=d.learning_rate, help="peak learning rate of AdamW")
+    a("--weight_decay", type=float, default=d.weight_decay, help="AdamW decay (not on biases and LayerNorms)")
+    a("--num_train_epochs", type=int, default=d.num_train_epochs)
+    a("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
+    a("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    a("--lr_scheduler_type", default=d.lr_scheduler_type, choices=SCHEDULES)
+    a("--num_warmup_steps", type=int, default=d.num_warmup_steps)
+    a("--max_grad_norm", type=float, default=d.max_grad_norm, help="gradient clipping; 0 turns it off")
+    a("--seed", type=int, default=d.seed)
+    a("--checkpointing_steps", default=None, help='save the training state every N steps, or "epoch"')
+    a("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest" (in --output_dir)')
+    a("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    a("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate's config")
+    a("--logging_steps", type=int, default=d.logging_steps)
+    a("--eval_steps", type=int, default=None, help="also evaluate every N steps (always: each epoch, the end)")
+    a("--dataloader_num_workers", type=int, default=0)
+    a("--write_rank_digests", action="store_true", help="each process writes a hash of its weights at the end")
+    return parser
+
+
+def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                      required: Sequence[str] = ("model_name_or_path", "train_file", "output_dir"),
+                      ) -> argparse.Namespace:
+    """Parse flags, taking defaults from a recipe given as `--config recipe.yaml` (or .json): a mapping of flag
+    names to values, such as configs/train/opt-125m-clm.yaml. Flags on the command line win over the recipe.
+
+    Example:
+        >>> recipe = "configs/train/opt-125m-clm.yaml"
+        >>> args = parse_with_recipe(parser, ["--config", recipe, "--seed", "3"])  # doctest: +SKIP
+    """
+    parser.add_argument("--config", default=None, help="a recipe (.yaml / .json) of flag values; flags win over it")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        values = read_recipe(known.config)
+        unknown = sorted(set(values) - {a.dest for a in parser._actions})
+        if unknown:
+            parser.error(f"recipe {known.config}: unknown key(s) {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    missing = [f"--{name}" for name in required if getattr(args, name, None) in (None, "")]
+    if missing:
+        parser.error(f"the following arguments are required (as flags or recipe keys): {', '.join(missing)}")
+    return args
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The flag values of a .yaml / .yml / .json recipe file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"recipe {str(path)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml  # a dependency of accelerate
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise InputError(f"recipe {p} must be a mapping of flag names to values")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------- model source
+
+
+@dataclass
+class ModelSource:
+    """What `--model_name_or_path` names: a checkpoint folder, a hub repo id, or a preset name ("opt-125m",
+    random weights: the tokenizer must then come from elsewhere).
+
+    Example:
+        >>> src = ModelSource.resolve("opt-125m")
+        >>> src.is_preset, src.config.hidden_size
+        (True, 768)
+    """
+
+    name: str
+    config: OPTConfig
+    is_preset: bool
+
+    @classmethod
+    def resolve(cls, name_or_path: str) -> ModelSource:
+        if not Path(name_or_path).is_dir() and name_or_path in OPTConfig.preset_names():
+            return cls(name_or_path, OPTConfig.from_preset(name_or_path), True)
+        return cls(str(name_or_path), OPTConfig.from_pretrained(name_or_path), False)
+
+    def tokenizer(self, tokenizer_name: str | None = None) -> OPTTokenizer:
+        """The tokenizer of `tokenizer_name`, else of the checkpoint itself."""
+        if tokenizer_name is None and self.is_preset:
+            raise InputError(f"model {self.name!r} is a preset (random weights, no tokenizer): "
+                             "pass --tokenizer_name (a tokenizer folder or hub id)")
+        return OPTTokenizer.from_pretrained(tokenizer_name or self.name)
+
+    def load(self, cls: type[nn.Module], tokenizer: OPTTokenizer | None = None, ignore_mismatched_sizes: bool = False,
+             **config_overrides: Any) -> nn.Module:
+        """The model in fp32 (the optimizer's master weights): the checkpoint's weights, or a random init of the
+        preset (seed first). The pad id follows the tokenizer's, and the embeddings grow to its size if needed."""
+        if tokenizer is not None:
+            config_overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
+        if self.is_preset:
+            model = cls(OPTConfig.from_preset(self.name, **config_overrides))
+        else:
+            model = cls.from_pretrained(self.name, ignore_mismatched_sizes=ignore_mismatched_sizes, **config_overrides)
+        if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer))  # as run_clm: new tokens get rows
+        return model
+
+
+# ---------------------------------------------------------------------------------------------------- launch
+
+
+def make_accelerator(mixed_precision: str | None = None) -> Any:
+    """An Accelerator that sees the launch at hand, including `torchrun --nproc_per_node N` on a machine without
+    GPUs: accelerate treats such processes as one-process runs unless told cpu=True, which is passed here.
+
+    Example:
+        >>> acc = make_accelerator("bf16")  # doctest: +SKIP
+        >>> acc.num_processes, acc.distributed_type  # doctest: +SKIP
+        (2, <DistributedType.MULTI_CPU: 'MULTI_CPU'>)
+    """
+    from accelerate import Accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not _has_accelerator_device())
+    if world > 1 and acc.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes but accelerate sees {acc.num_processes}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type == "MULTI_CPU":
+        _enable_fsdp_on_cpu(acc)
+    return acc
+
+
+def _enable_fsdp_on_cpu(accelerator: Any) -> None:
+    """accelerate's AcceleratorState turns an FSDP launch config into DistributedType.FSDP only for GPU-like
+    backends, and on CPU silently runs DDP instead; torch's fully_shard works on gloo, so switch the state over
+    with the plugin accelerate builds from the launch config (its FSDP_* environment variables)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise InputError("FSDP on CPU needs fsdp_version: 2 (torch's fully_shard) in the accelerate config")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP  # as AcceleratorState does on GPUs, or it reverts to DDP
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Logging for the training scripts: `level` on the main process (RANK 0), warnings only on the others, and
+    accelerate's several INFO lines per checkpoint silenced."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=level if main else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def _has_accelerator_device() -> bool:
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return bool(accel.is_available()) if accel is not None else torch.cuda.is_available()
