@@ -1,0 +1,134 @@
+"""The `optlite` command, run as a subprocess on a tiny checkpoint with the real OPT tokenizer."""
+
+import math
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+from optlite import OPTConfig, OPTForCausalLM, OPTTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = ROOT.parent / "shared" / "opt_tokenizer"
+
+
+def optlite(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "optlite.cli", *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    if not SHARED_TOKENIZER.is_dir():
+        pytest.skip("the real OPT tokenizer files (../shared/opt_tokenizer) are absent")
+    folder = tmp_path_factory.mktemp("tiny-opt")
+    torch.manual_seed(0)
+    config = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, dropout=0.0,
+                       max_position_embeddings=64)
+    OPTForCausalLM(config).save_pretrained(folder)
+    OPTTokenizer.from_pretrained(SHARED_TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def test_console_script_is_declared():
+    assert any(ep.name == "optlite" and ep.value == "optlite.cli:main" for ep in entry_points(group="console_scripts"))
+
+
+def test_generate_streams_each_prompt(checkpoint):
+    done = optlite("generate", str(checkpoint), "Hello there", "A photo of", "--max-new-tokens", "5")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Hello there") and lines[1].startswith("A photo of")
+    assert all(len(line) > len(prompt) for line, prompt in zip(lines, ["Hello there", "A photo of"], strict=True))
+
+
+def test_generate_reads_stdin_and_matches_the_library(checkpoint):
+    from optlite import generate_text
+
+    done = optlite("generate", str(checkpoint), "--max-new-tokens", "6", "--no-stream", stdin="In the city of\n")
+    assert done.returncode == 0, done.stderr
+    model, tok = OPTForCausalLM.from_pretrained(checkpoint), OPTTokenizer.from_pretrained(checkpoint)
+    assert done.stdout == "In the city of" + generate_text(model, tok, "In the city of", max_new_tokens=6) + "\n"
+
+
+def test_sampling_with_a_seed_is_reproducible(checkpoint):
+    args = ["generate", str(checkpoint), "Once", "--temperature", "0.9", "--top-p", "0.8", "--max-new-tokens", "8"]
+    a, b, c = optlite(*args, "--seed", "1"), optlite(*args, "--seed", "1"), optlite(*args, "--seed", "2")
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout != c.stdout
+
+
+def test_score_prints_the_perplexity_transformers_gives(checkpoint, tmp_path):
+    import transformers
+
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    (tmp_path / "t.txt").write_text(text)
+    done = optlite("score", str(checkpoint), str(tmp_path / "t.txt"), "--max-length", "64", "--stride", "60")
+    assert done.returncode == 0, done.stderr
+    ids = OPTTokenizer.from_pretrained(checkpoint)(text, return_tensors="pt").input_ids
+    assert ids.shape[1] <= 60  # one window: the perplexity is exp of transformers' loss on the whole text
+    ref = transformers.OPTForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        expected = math.exp(ref(ids, labels=ids).loss.item())
+    printed = float(done.stdout.split()[1])
+    assert abs(printed - expected) / expected < 1e-3, (printed, expected)
+
+
+def test_info_on_a_checkpoint_and_a_preset(checkpoint):
+    import transformers
+
+    done = optlite("info", str(checkpoint))
+    assert done.returncode == 0, done.stderr
+    n = transformers.OPTForCausalLM.from_pretrained(checkpoint).num_parameters()
+    assert f"parameters  {n:,}" in done.stdout
+    assert "safetensors, 1 shard(s)" in done.stdout and "model.decoder.*" in done.stdout
+    preset = optlite("info", "opt-350m")
+    assert preset.returncode == 0, preset.stderr
+    assert "parameters  331,196,416" in preset.stdout and "post-LayerNorm" in preset.stdout
+
+
+def test_convert_writes_what_transformers_reads(checkpoint, tmp_path):
+    import transformers
+
+    done = optlite("convert", str(checkpoint), str(tmp_path / "fp16"), "--dtype", "float16")
+    assert done.returncode == 0, done.stderr
+    ref = transformers.OPTForCausalLM.from_pretrained(tmp_path / "fp16", dtype="auto")
+    assert ref.dtype == torch.float16
+    original = OPTForCausalLM.from_pretrained(checkpoint)
+    fc1 = original.model.decoder.layers[0].fc1.weight
+    torch.testing.assert_close(ref.model.decoder.layers[0].fc1.weight, fc1.half())
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["generate", "/no/such/model", "hi"], 1, "optlite: error: "),
+    (["score", "opt-tiny", "/no/such/file.txt"], 1, "optlite: error: no such file: /no/such/file.txt"),
+    (["generate", "opt-tiny", "hi", "--max-new-tokens", "0"], 1, "optlite: error: --max-new-tokens must be at least 1"),
+    (["generate", "opt-tiny", "hi", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["info"], 2, "the following arguments are required: MODEL"),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+])
+def test_errors_are_one_line_without_traceback(args, code, message):
+    done = optlite(*args)
+    assert done.returncode == code
+    assert message in done.stderr and "Traceback" not in done.stderr
+    if code == 1:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("command,options", [
+    ("generate", ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--num-beams", "--repetition-penalty",
+                  "--seed", "--dtype", "--device", "--no-stream"]),
+    ("score", ["--stride", "--max-length", "--dtype", "--device"]),
+    ("info", ["MODEL"]),
+    ("convert", ["--dtype", "--max-shard-size", "SRC", "DST"]),
+])
+def test_help_lists_every_option(command, options):
+    done = optlite(command, "--help")
+    assert done.returncode == 0
+    for option in options:
+        assert option in done.stdout, option
