@@ -49,6 +49,10 @@ def stdlib_docstrings(max_chars: int) -> list[str]:
     return texts
 
 
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "configs" / "demo.json")
@@ -90,14 +94,15 @@ def main() -> None:
     model = OPTForCausalLM.from_pretrained(out)  # what save_pretrained wrote, read back as a user would
     tok = OPTTokenizer.from_pretrained(out)
     after = perplexity(model, valid_ids, max_length=block, stride=block // 2)
-    print(f"6. saved to {out.relative_to(ROOT)} and reloaded; perplexity after training: {after:,.1f} "
+    print(f"6. saved to {shown(out)} and reloaded; perplexity after training: {after:,.1f} "
           f"(was {before:,.1f})")
 
     gen = dict(recipe["generate"])
     prompts = gen.pop("prompts")
-    print("7. continuations (greedy):")
+    gen["generator"] = torch.Generator().manual_seed(gen.pop("seed"))
+    print("7. continuations (sampled; the prompt ends at |):")
     for prompt, text in zip(prompts, generate_text(model, tok, prompts, **gen), strict=True):
-        print(f"   {prompt}|{text.rstrip()}")
+        print(f"   {prompt}|{' '.join(text.split())}")
     print(f"\nDone in {time.perf_counter() - start:.0f} s. The same with a real model from the Hugging Face Hub:\n"
           f'    optlite generate facebook/opt-125m "The capital of France is"')
 

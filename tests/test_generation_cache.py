@@ -56,3 +56,23 @@ def test_compiled_decode_gives_the_same_tokens_without_recompiling_per_token(mod
 def test_compile_needs_the_cache(model):
     with pytest.raises(ValueError, match="compile=True needs use_cache=True"):
         model.generate(torch.tensor([[2, 5]]), max_new_tokens=2, use_cache=False, compile=True)
+
+
+def test_checkpoint_generation_config_sets_the_defaults(tmp_path):
+    import transformers
+
+    from optlite import OPTForCausalLM
+
+    ref, _ = make_pair("OPTForCausalLM", "pre_ln")
+    ref.generation_config = transformers.GenerationConfig(max_new_tokens=3, no_repeat_ngram_size=2, eos_token_id=None,
+                                                          pad_token_id=1)
+    ref.save_pretrained(tmp_path / "ref")
+    ours = OPTForCausalLM.from_pretrained(tmp_path / "ref")
+    assert ours.generation_config.max_new_tokens == 3
+    ids = torch.tensor([[2, 17, 33, 17]])
+    expected = ref.generate(ids)
+    assert expected.shape[1] == 4 + 3
+    assert torch.equal(ours.generate(ids), expected)
+    ours.save_pretrained(tmp_path / "ours")
+    again = OPTForCausalLM.from_pretrained(tmp_path / "ours")
+    assert again.generation_config.to_dict() == ours.generation_config.to_dict()

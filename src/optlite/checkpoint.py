@@ -36,6 +36,7 @@ from .hub import describe, resolve_file
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"
@@ -607,6 +608,11 @@ def load_pretrained(
     if device_map is not None:
         _dispatch(model, device_map, offload_folder, offload_index)
     model.eval()
+    generation_file = source.file(GENERATION_CONFIG_NAME, required=False)
+    if generation_file is not None:  # the checkpoint's decoding defaults, read by generate()
+        from .generation import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(generation_file)
     shards = f"{len(files.shards)} shard{'s' * (len(files.shards) > 1)}"
     plan.report.log(cls.__name__, source, f"{files.format}, {shards}, {dtype_name(target)}")
     return (model, plan.report.as_dict()) if output_loading_info else model
@@ -929,4 +935,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, max_sha
             writer.add(key, t)
         writer.finish()
         write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            write_text(stage / GENERATION_CONFIG_NAME,
+                       json.dumps(generation_config.to_dict(), indent=2, sort_keys=True) + "\n")
     return Path(save_directory)
