@@ -530,7 +530,8 @@ def test_hub_repo_from_cache_fetches_only_the_needed_files(tmp_path, layouts, of
              "flax_model.msgpack": b"not fetched"}
     make_hub_cache(tmp_path, "facebook/opt-tiny", files)
     model = optlite.OPTForCausalLM.from_pretrained("facebook/opt-tiny", cache_dir=tmp_path)
-    assert [name for _, name in offline] == ["config.json", "model.safetensors"]
+    # generation_config.json is asked for (optional: absent here), the .bin and the TF/Flax files never are.
+    assert [name for _, name in offline] == ["config.json", "model.safetensors", "generation_config.json"]
     ref = transformers.OPTForCausalLM.from_pretrained(single).eval()
     ids, mask = batch("left")
     assert_same(outputs(ref, ids, mask)[0], outputs(model, ids, mask)[0])
@@ -550,7 +551,8 @@ def test_hub_revision_refs_pr_and_sharded_repo(tmp_path, layouts, offline):
     pr = optlite.OPTForCausalLM.from_pretrained("org/opt", cache_dir=tmp_path, revision="refs/pr/35")
     names = [name for _, name in offline]
     assert names[:3] == ["config.json", "model.safetensors", "model.safetensors.index.json"]
-    assert sorted(names[3:]) == sorted(n for n in shard_files if n.endswith(".safetensors"))
+    assert sorted(names[3:]) == sorted([*(n for n in shard_files if n.endswith(".safetensors")),
+                                        "generation_config.json"])
     assert {rev for rev, _ in offline} == {"refs/pr/35"}
     ids, mask = batch("left")
     assert_same(outputs(ref, ids, mask)[0], outputs(pr, ids, mask)[0])
