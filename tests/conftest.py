@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
+
+SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "opt_tokenizer"
 
 
 @pytest.fixture
@@ -12,6 +17,30 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread; on 2 shared cores its contention costs 20-50x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny OPTForCausalLM saved with the real OPT tokenizer: a stand-in for a hub checkpoint."""
+    from optlite import OPTConfig, OPTForCausalLM, OPTTokenizer
+
+    if not SHARED_TOKENIZER.is_dir():
+        pytest.skip("the real OPT tokenizer files (../shared/opt_tokenizer) are absent")
+    folder = tmp_path_factory.mktemp("tiny-opt")
+    torch.manual_seed(0)
+    config = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, dropout=0.0)
+    OPTForCausalLM(config).save_pretrained(folder)
+    OPTTokenizer.from_pretrained(SHARED_TOKENIZER).save_pretrained(folder)
+    return folder
 
 
 def pytest_terminal_summary(terminalreporter):

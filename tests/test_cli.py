@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from optlite import OPTConfig, OPTForCausalLM, OPTTokenizer
+from optlite import OPTForCausalLM, OPTTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = ROOT.parent / "shared" / "opt_tokenizer"
 
 
 def optlite(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -21,18 +20,6 @@ def optlite(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", "optlite.cli", *args], input=stdin, capture_output=True, text=True,
                           env=env, timeout=120)
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    if not SHARED_TOKENIZER.is_dir():
-        pytest.skip("the real OPT tokenizer files (../shared/opt_tokenizer) are absent")
-    folder = tmp_path_factory.mktemp("tiny-opt")
-    torch.manual_seed(0)
-    config = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, dropout=0.0,
-                       max_position_embeddings=64)
-    OPTForCausalLM(config).save_pretrained(folder)
-    OPTTokenizer.from_pretrained(SHARED_TOKENIZER).save_pretrained(folder)
-    return folder
 
 
 def test_console_script_is_declared():

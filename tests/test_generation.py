@@ -33,16 +33,8 @@ from optlite.generation import (
 
 SHAPES = ["pre_ln", "post_ln_proj"]
 PAD = 1
-pytestmark = pytest.mark.filterwarnings("ignore:Using the model-agnostic default:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine thread contention costs 20x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:Using the model-agnostic default:UserWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @functools.cache

@@ -11,12 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from optlite import OPTConfig, OPTForCausalLM, OPTTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = ROOT.parent / "shared" / "opt_tokenizer"
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 SMALLER = [(r"facebook/opt-[\w.]+", None), (r"--max_train_steps \d+", "--max_train_steps 2"),
            (r"--block_size \d+", "--block_size 32"), (r"--max-length \d+", "--max-length 64"),
@@ -32,17 +28,6 @@ def localize(code: str, checkpoint: Path) -> str:
         code = re.sub(pattern, replacement or str(checkpoint), code)
     return code
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    if not SHARED_TOKENIZER.is_dir():
-        pytest.skip("the real OPT tokenizer files (../shared/opt_tokenizer) are absent")
-    folder = tmp_path_factory.mktemp("tiny-opt")
-    torch.manual_seed(0)
-    config = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, dropout=0.0)
-    OPTForCausalLM(config).save_pretrained(folder)
-    OPTTokenizer.from_pretrained(SHARED_TOKENIZER).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

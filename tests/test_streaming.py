@@ -16,12 +16,7 @@ TOKENIZER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "opt_tok
 TEXT = "héllo wörld 中文字 ok\nnext 😀 line €5, naïve café done"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ByteTokenizer:

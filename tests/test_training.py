@@ -35,13 +35,7 @@ NOUN = "cat dog bird fish horse mouse tree house".split()
 VERB = "sees likes chases finds hears".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on 2 shared cores: a second intra-op thread costs ~50x in contention instead of helping.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
