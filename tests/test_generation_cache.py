@@ -1,5 +1,7 @@
 """generate() on the static cache (the default), the dynamic cache, and torch.compile."""
 
+import shutil
+
 import pytest
 import torch
 from tiny import make_pair
@@ -51,6 +53,14 @@ def test_compiled_decode_gives_the_same_tokens_without_recompiling_per_token(mod
     assert torch.equal(again[:, :16], compiled)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # reused: no new graph per length
     assert 1 <= graphs <= 3  # prefill stays eager: the decode step is one graph (plus guards on the first call)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
+def test_compile_true_with_inductor_gives_the_same_tokens(model):
+    """The default backend, with the C++ wrapper generate asks for on CPU: about 20 s of building on 2 cores."""
+    ids, _ = left_padded()
+    eager = model.generate(ids[1:], max_new_tokens=8, eos_token_id=None)
+    assert torch.equal(model.generate(ids[1:], max_new_tokens=8, eos_token_id=None, compile=True), eager)
 
 
 def test_compile_needs_the_cache(model):

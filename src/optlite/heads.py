@@ -15,7 +15,7 @@ from torch import nn
 from .config import OPTConfig
 from .generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .generation import generate as _generate
-from .modeling import OPTModel, OPTPreTrainedModel
+from .modeling import Linear, OPTModel, OPTPreTrainedModel
 from .outputs import CausalLMOutputWithPast, QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class OPTForCausalLM(OPTPreTrainedModel):
     def __init__(self, config: OPTConfig):
         super().__init__(config)
         self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

@@ -35,6 +35,27 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
         return super().forward(position_ids + self.offset)
 
 
+class Linear(nn.Linear):
+    """nn.Linear with a faster CPU product for a few rows, the shape of decoding a small batch.
+
+    MKL (the CPU BLAS of PyTorch's x86 builds) computes x @ W.T for 4 to 48 rows well below memory speed, while
+    the same product taken as (W @ x.T).T streams W at full speed: 1.1-2x faster per layer (measured for every
+    OPT layer shape). The result equals F.linear's up to fp32 rounding, as the sums run in another order.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if FEW_ROWS[0] <= rows <= FEW_ROWS[1] and x.is_cpu and x.dtype == torch.float32 and MKL:
+            x2 = x.reshape(rows, self.in_features)
+            y = self.weight @ x2.T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, x2.T)
+            return y.T.contiguous().view(*x.shape[:-1], self.out_features)  # (..., out); kernels want stride 1
+        return F.linear(x, self.weight, self.bias)
+
+
+FEW_ROWS = (4, 48)
+MKL = torch.backends.mkl.is_available()
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor | None, past_len: int, q_len: int,
                            device: torch.device) -> torch.Tensor:
     """Positions count only attended tokens, so a left-padded row starts at 0 after its pads (pads get -1)."""
@@ -73,10 +94,10 @@ class OPTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
         c, bias = config.hidden_size, config.enable_bias
-        self.k_proj = nn.Linear(c, c, bias=bias)
-        self.v_proj = nn.Linear(c, c, bias=bias)
-        self.q_proj = nn.Linear(c, c, bias=bias)
-        self.out_proj = nn.Linear(c, c, bias=bias)
+        self.k_proj = Linear(c, c, bias=bias)
+        self.v_proj = Linear(c, c, bias=bias)
+        self.q_proj = Linear(c, c, bias=bias)
+        self.out_proj = Linear(c, c, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache | None,
                 head_mask: torch.Tensor | None = None, eager: bool = False,
@@ -117,8 +138,8 @@ class OPTDecoderLayer(nn.Module):
         self.act = ACTIVATIONS[config.activation_function]
         affine, c = config.layer_norm_elementwise_affine, config.hidden_size
         self.self_attn_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
-        self.fc1 = nn.Linear(c, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, c, bias=config.enable_bias)
+        self.fc1 = Linear(c, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = Linear(config.ffn_dim, c, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache | None,
@@ -224,7 +245,7 @@ class OPTPreTrainedModel(nn.Module):
             if self.config.tie_word_embeddings:
                 self.tie_weights()
             else:
-                new_head = nn.Linear(head.in_features, n, bias=False, device=head.weight.device,
+                new_head = Linear(head.in_features, n, bias=False, device=head.weight.device,
                                      dtype=head.weight.dtype)
                 new_head.weight = _resized_rows(head, n).weight
                 self.lm_head = new_head
@@ -344,8 +365,8 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, p, config.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, c)
         # 350m embeds words in 512 dims and projects to and from the 1024-wide stack.
-        self.project_out = nn.Linear(c, p, bias=False) if p != c else None
-        self.project_in = nn.Linear(p, c, bias=False) if p != c else None
+        self.project_out = Linear(c, p, bias=False) if p != c else None
+        self.project_in = Linear(p, c, bias=False) if p != c else None
         affine = config.layer_norm_elementwise_affine
         self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine) if config.has_final_layer_norm else None
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
