@@ -8,6 +8,10 @@ Cases: prefill 1x512; greedy decode batch 1 (32-token prompt, 128 new) and batch
 step 4x256 (forward, backward, AdamW); decode speed at context 64 vs 1536. Each figure is the median of
 `--repeats` runs; optlite and transformers alternate so that machine noise hits both alike. Before timing,
 both must produce the same greedy tokens.
+
+Below the table, two ceilings: the time of the matrix products alone (one token's matrix-vector products for
+decode b1; a step's forward and backward matrix products plus the AdamW update for training). Any fp32
+implementation does at least this work, so transformers' time divided by it bounds the speed-up anyone can get.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 import optlite
@@ -89,13 +94,22 @@ def run(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}, "
           f"{args.threads} threads, {str(dtype).removeprefix('torch.')}, copy bandwidth {bw / 1e9:.1f} GB/s, "
           f"median of {args.repeats}")
-    rows = [row for preset in args.shapes for row in bench_shape(preset, dtype, bw, args)]
+    rows, ceilings = [], []
+    for preset in args.shapes:
+        rows_, ceilings_ = bench_shape(preset, dtype, bw, args)
+        rows += rows_
+        ceilings += ceilings_
     print("\n| shape | case | optlite | transformers | ratio |\n|---|---|---:|---:|---:|")
     for preset, case, ours_v, ref_v in rows:
         print(f"| {preset} | {case} | {ours_v:.2f} | {ref_v:.2f} | {ours_v / ref_v:.2f}x |")
+    if ceilings:
+        print("\nCeilings (matrix products alone, no other work):")
+        for preset, case, floor_s, ref_s in ceilings:
+            print(f"  {preset} {case}: {floor_s * 1e3:.1f} ms vs transformers {ref_s * 1e3:.1f} ms: no fp32 "
+                  f"implementation can be more than {ref_s / floor_s:.2f}x transformers")
 
 
-def bench_shape(preset: str, dtype: torch.dtype, bw: float, args: argparse.Namespace) -> list[tuple]:
+def bench_shape(preset: str, dtype: torch.dtype, bw: float, args: argparse.Namespace) -> tuple[list, list]:
     ref, ours = build_pair(preset, dtype, args.device)
     prompt = torch.randint(3, 50000, (8, 1536), generator=torch.Generator().manual_seed(1)).to(args.device)
     with torch.no_grad():
@@ -113,7 +127,7 @@ def bench_shape(preset: str, dtype: torch.dtype, bw: float, args: argparse.Names
         ids = prompt[:batch, :ctx]
         return m.generate(ids, attention_mask=torch.ones_like(ids), **gen_kwargs(new, args.compile and m is ours))
 
-    rows = []
+    rows, ceilings = [], []
     if "prefill" in args.cases:
         t = both(lambda m: m(prompt[:1, :512], use_cache=True, logits_to_keep=1))
         rows.append((preset, "prefill 1x512 (tok/s)", 512 / t["optlite"], 512 / t["transformers"]))
@@ -123,6 +137,7 @@ def bench_shape(preset: str, dtype: torch.dtype, bw: float, args: argparse.Names
         rows.append((preset, "decode b1, 32+128 (tok/s)", *b1))
         bound = bw / weight_bytes_per_token(ours)
         rows.append((preset, "decode b1 as % of bandwidth bound", 100 * b1[0] / bound, 100 * b1[1] / bound))
+        ceilings.append((preset, "decode b1, one token", gemv_floor(ref, args), 1 / b1[1]))
     if "b8" in args.cases:
         t = both(lambda m: decode(m, 8, 32, 64))
         rows.append((preset, "decode b8, 32+64 (tok/s)", 8 * 64 / t["optlite"], 8 * 64 / t["transformers"]))
@@ -133,8 +148,47 @@ def bench_shape(preset: str, dtype: torch.dtype, bw: float, args: argparse.Names
             rows.append((preset, f"decode b1 at context {ctx} (tok/s)",
                          32 / (t33["optlite"] - t1["optlite"]), 32 / (t33["transformers"] - t1["transformers"])))
     if "train" in args.cases:
-        rows.append((preset, "train step 4x256 (steps/s)", *train_steps(ref, ours, prompt, args)))
-    return rows
+        ours_steps, ref_steps = train_steps(ref, ours, prompt, args)
+        rows.append((preset, "train step 4x256 (steps/s)", ours_steps, ref_steps))
+        ceilings.append((preset, "train step 4x256", train_floor(ref, 4 * 256, args), 1 / ref_steps))
+    return rows, ceilings
+
+
+def linears(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    return [(m.weight, m.bias) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def gemv_floor(model: torch.nn.Module, args: argparse.Namespace) -> float:
+    """Seconds of one decoded token's matrix-vector products: every Linear, the LM head included, on one row."""
+    mats = linears(model)
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], device=args.device, dtype=w.dtype) for w, _ in mats}
+
+    def products():
+        with torch.no_grad():
+            for w, b in mats:
+                F.linear(xs[w.shape[1]], w, b)
+
+    return alternate({"floor": products}, args.repeats, args.device)["floor"]
+
+
+def train_floor(model: torch.nn.Module, rows: int, args: argparse.Namespace) -> float:
+    """Seconds of a training step's matrix products (forward, and both backward products of every Linear on
+    `rows` rows) plus one AdamW update of copies of all parameters."""
+    mats = linears(model)
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], device=args.device, dtype=w.dtype, requires_grad=True)
+          for w, _ in mats}
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def products_and_update():
+        for w, b in mats:
+            y = F.linear(xs[w.shape[1]], w, b)
+            torch.autograd.grad(y, [xs[w.shape[1]], w], torch.ones_like(y))
+        opt.step()
+
+    return alternate({"floor": products_and_update}, args.repeats, args.device)["floor"]
 
 
 def train_steps(ref, ours, prompt, args) -> tuple[float, float]:
