@@ -35,12 +35,17 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
         return super().forward(position_ids + self.offset)
 
 
+FEW_ROWS = (4, 48)  # the row counts where Linear's product order below is the faster one
+MKL = torch.backends.mkl.is_available()
+
+
 class Linear(nn.Linear):
     """nn.Linear with a faster CPU product for a few rows, the shape of decoding a small batch.
 
     MKL (the CPU BLAS of PyTorch's x86 builds) computes x @ W.T for 4 to 48 rows well below memory speed, while
     the same product taken as (W @ x.T).T streams W at full speed: 1.1-2x faster per layer (measured on a Xeon for
-    every OPT layer shape; 1-3 rows and 64 or more are as fast or faster through F.linear). The result equals F.linear's up to fp32 rounding, as the sums run in another order.
+    every OPT layer shape; with 1-3 rows or 64 and more, F.linear is as fast or faster). The result equals
+    F.linear's up to fp32 rounding, as the sums run in another order.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,10 +55,6 @@ class Linear(nn.Linear):
             y = self.weight @ x2.T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, x2.T)
             return y.T.contiguous().view(*x.shape[:-1], self.out_features)  # (..., out); kernels want stride 1
         return F.linear(x, self.weight, self.bias)
-
-
-FEW_ROWS = (4, 48)
-MKL = torch.backends.mkl.is_available()
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor | None, past_len: int, q_len: int,
