@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tiny import CLASSES, batch, make_pair
 
 import optlite
-from optlite import checkpoint
+from optlite import checkpoint, saving
 from optlite.checkpoint import CheckpointError
 
 transformers = pytest.importorskip("transformers")
@@ -407,7 +407,7 @@ def test_save_failing_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     (target / "README.md").write_text("mine")
     before = snapshot(target)
     calls = []
-    real = checkpoint.save_file
+    real = saving.save_file
 
     def failing(tensors, path, metadata=None):
         calls.append(path)
@@ -416,7 +416,7 @@ def test_save_failing_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", failing)
+    monkeypatch.setattr(saving, "save_file", failing)
     with pytest.raises(OSError, match="No space left"):
         new.save_pretrained(target, max_shard_size="30KB")
     assert snapshot(target) == before
@@ -444,11 +444,11 @@ if mode == "fsize":
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the weights (about 1.1 MB) do not fit
 else:
     import os
-    from optlite import checkpoint
+    from optlite import saving
     def killed(tensors, path, metadata=None):
         open(path, "wb").write(b"partial")
         os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.save_file = killed
+    saving.save_file = killed
 model.save_pretrained(sys.argv[2])
 """
 

@@ -1,9 +1,8 @@
-"""Checkpoints: find the files (local directory or hub repo), read safetensors / .bin shards into a model built
-on the meta device, place them (dtype, device, accelerate device_map), and write checkpoints back atomically.
+"""Loading checkpoints: find the files (local directory or hub repo), read safetensors / .bin shards into a model
+built on the meta device, and place them (dtype, device, accelerate device_map). Writing is in saving.py.
 
 Layouts read (OPT_FACTS §2): `model.decoder.*` (+ `lm_head.weight`) as in opt-125m/1.3b/2.7b/66b, bare `decoder.*`
-as in opt-350m/6.7b/13b/30b, and task checkpoints with `score.*` or `qa_outputs.*`. Layout written: the model's own
-keys (`model.decoder.*` + head, or `decoder.*` for OPTModel), the tied `lm_head.weight` left out, as transformers does.
+as in opt-350m/6.7b/13b/30b, and task checkpoints with `score.*` or `qa_outputs.*`.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ import mmap
 import os
 import pickle
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +26,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .config import OPTConfig
@@ -46,9 +42,6 @@ BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 # Looked for in this order: safetensors first; TF / Flax / msgpack / h5 files are never fetched.
 WEIGHT_CANDIDATES = [(SAFE_WEIGHTS_NAME, "safetensors", False), (SAFE_INDEX_NAME, "safetensors", True),
                      (BIN_WEIGHTS_NAME, "bin", False), (BIN_INDEX_NAME, "bin", True)]
-# Files a save owns: replaced or removed by the next save, so no stale shard stays mixed with new ones.
-_OWNED = re.compile(r"(config\.json|model\.safetensors(\.index\.json)?|pytorch_model\.bin(\.index\.json)?"
-                    r"|(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin))")
 HEAD_PREFIXES = ("lm_head.", "score.", "qa_outputs.")
 IGNORED_KEYS = {"decoder.version"}  # a fairseq leftover in hub checkpoints
 
@@ -752,217 +745,3 @@ def progress_bar(it: Any, enabled: bool, total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(it, total=total, desc="Loading checkpoint shards", unit="shard")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing: sharded files, staged in a temporary folder and swapped in whole
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Collects tensors in order and writes a shard whenever the next tensor would pass `max_bytes`; `finish` gives
-    the shards their final names (model-00001-of-00003.safetensors, or model.safetensors alone) and the index.
-    Files are written under temporary names first, so no half-written file ever carries a checkpoint's name."""
-
-    def __init__(self, folder: Path, max_bytes: int, safe: bool = True):
-        self.folder, self.max_bytes, self.safe = folder, max_bytes, safe
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.total_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.pending[key] = tensor
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.folder / f"shard-{len(self.written) + 1:05d}.partial"
-        tensors = {k: _storable(t, compact=not self.safe) for k, t in self.pending.items()}
-        if self.safe:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, path)
-        _fsync(path)
-        self.written.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        self.flush()
-        stem, ext = ("model", "safetensors") if self.safe else ("pytorch_model", "bin")
-        n = len(self.written)
-        if n == 0:
-            raise CheckpointError("nothing to save: the model has no tensors")
-        names = [f"{stem}.{ext}"] if n == 1 else [f"{stem}-{i:05d}-of-{n:05d}.{ext}" for i in range(1, n + 1)]
-        weight_map = {}
-        for (path, keys), name in zip(self.written, names, strict=True):
-            os.replace(path, self.folder / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            write_text(self.folder / (SAFE_INDEX_NAME if self.safe else BIN_INDEX_NAME),
-                       json.dumps(index, indent=2) + "\n")
-            names.append(SAFE_INDEX_NAME if self.safe else BIN_INDEX_NAME)
-        return names
-
-
-def _storable(t: torch.Tensor, compact: bool) -> torch.Tensor:
-    t = t.detach().to("cpu").contiguous()
-    if compact and t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()  # torch.save writes a view's whole storage: a memory-mapped file's worth
-    return t
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a small file under a temporary name, flush it to disk, then rename it into place."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    _fsync(partial)
-    os.replace(partial, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty folder beside `target` (same filesystem) to write a checkpoint into; on success swap it with
-    `target` in one rename, carrying over the files a save does not own (tokenizer files, README, …). On failure
-    (exception, disk full, kill) the folder is removed and `target` is untouched, so the old checkpoint stays
-    readable; a folder left by a killed process is removed by the next save to the same target.
-
-    Example:
-        >>> with staged_directory("out/ckpt") as tmp:  # doctest: +SKIP
-        ...     (tmp / "config.json").write_text("{}")
-    """
-    target = Path(target).resolve()
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"cannot save into {target}: it exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_stages(target)
-    stage = target.parent / f".{target.name}.optlite-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
-    try:
-        yield stage
-        _commit(stage, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)  # on success it now holds the previous version
-
-
-def _remove_abandoned_stages(target: Path) -> None:
-    for old in target.parent.glob(f".{target.name}.optlite-tmp-*"):
-        pid = old.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _commit(stage: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(stage, target)
-        return
-    for entry in target.iterdir():
-        if not _OWNED.fullmatch(entry.name) and not (stage / entry.name).exists():
-            _carry(entry, stage / entry.name)
-    os.chmod(stage, target.stat().st_mode & 0o7777)
-    cwd = os.getcwd()
-    if not _exchange(stage, target):
-        aside = target.with_name(f".{target.name}.optlite-old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, aside)  # without an atomic exchange, two renames (target is absent only in between)
-        os.rename(stage, target)
-        os.rename(aside, stage)
-    if cwd == str(target) or cwd.startswith(str(target) + os.sep):
-        os.chdir(cwd)  # our working directory was the old folder, about to be deleted: follow the new one
-
-
-def _carry(src: Path, dst: Path) -> None:
-    # Hard links cost nothing and keep the old folder intact until the swap; copy where links are not possible.
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    if src.is_dir() and not src.is_symlink():
-        shutil.copytree(src, dst, copy_function=link, symlinks=True)
-    elif src.is_symlink():
-        os.symlink(os.readlink(src), dst)
-    else:
-        link(str(src), str(dst))
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
-    try:
-        renameat2 = _libc().renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors by checkpoint key: the tied lm_head left out, disk-offloaded ones read back."""
-    state = model.state_dict()
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and model.config.tie_word_embeddings and _same_tensor(head.weight, embed.weight):
-        state.pop("lm_head.weight", None)  # stored once, as transformers does; a head untied by hand is kept
-    for key, t in state.items():
-        if t.is_meta:
-            state[key] = _offloaded_value(model, key)
-    return state
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and a.device == b.device and a.data_ptr() == b.data_ptr())
-
-
-def _offloaded_value(model: nn.Module, key: str) -> torch.Tensor:
-    parts = key.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        hook = getattr(model.get_submodule(".".join(parts[:i])), "_hf_hook", None)
-        weights = getattr(hook, "weights_map", None)
-        if weights is not None:
-            return weights[".".join(parts[i:])]
-    raise CheckpointError(f"cannot save {key}: it is on the meta device and no offload hook holds its value")
-
-
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
-                    safe_serialization: bool = True) -> Path:
-    """The body of `OPTPreTrainedModel.save_pretrained` (see its docstring)."""
-    max_bytes = parse_size(max_shard_size)
-    state = state_dict_to_save(model)
-    floats = [t.dtype for t in state.values() if t.dtype.is_floating_point]
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
-    config["torch_dtype"] = dtype_name(floats[0]) if floats else config.get("torch_dtype")
-    with staged_directory(save_directory) as stage:
-        writer = ShardWriter(stage, max_bytes, safe_serialization)
-        for key, t in state.items():
-            writer.add(key, t)
-        writer.finish()
-        write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            write_text(stage / GENERATION_CONFIG_NAME,
-                       json.dumps(generation_config.to_dict(), indent=2, sort_keys=True) + "\n")
-    return Path(save_directory)

@@ -1,5 +1,5 @@
 """`convert`: rewrite any loadable OPT checkpoint (the hub's pickled `.bin` shards, another layout, another dtype)
-as safetensors in optlite's layout, streaming shard by shard. The reading and writing parts live in checkpoint.py."""
+as safetensors in optlite's layout, streaming shard by shard. Reading is checkpoint.py's, writing saving.py's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 
 from .checkpoint import (
     CONFIG_NAME,
-    ShardWriter,
     Source,
     build_on_meta,
     dtype_name,
@@ -23,10 +22,9 @@ from .checkpoint import (
     plan_load,
     progress_bar,
     scan_shards,
-    staged_directory,
-    write_text,
 )
 from .config import OPTConfig
+from .saving import ShardWriter, staged_directory, write_text
 
 # Files besides the weights that convert() copies along when the source has them.
 SIDE_FILES = ["generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",

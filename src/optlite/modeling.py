@@ -274,7 +274,7 @@ class OPTPreTrainedModel(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self.decoder_stack.gradient_checkpointing
 
-    # ---- loading and saving (the work is in checkpoint.py) ----
+    # ---- loading and saving (the work is in checkpoint.py and saving.py) ----
 
     @classmethod
     def from_pretrained(
@@ -336,7 +336,7 @@ class OPTPreTrainedModel(nn.Module):
             >>> from optlite import OPTConfig, OPTForCausalLM
             >>> OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).save_pretrained("tiny-ckpt")  # doctest: +SKIP
         """
-        from .checkpoint import save_pretrained
+        from .saving import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
 
