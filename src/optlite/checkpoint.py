@@ -284,12 +284,12 @@ def empty_for_cast(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if sys.platform == "linux" and nbytes >= 4 * HUGE_PAGE:
         start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE  # huge pages cover the 2 MB-aligned interior only
         length = (out.data_ptr() + nbytes - start) // HUGE_PAGE * HUGE_PAGE
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_HUGEPAGE)  # a refusal only costs speed
+        libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_HUGEPAGE)  # a refusal only costs speed
     return out
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 

@@ -27,8 +27,8 @@ from .checkpoint import (
     GENERATION_CONFIG_NAME,
     SAFE_INDEX_NAME,
     CheckpointError,
-    _libc,
     dtype_name,
+    libc,
     parse_size,
 )
 
@@ -191,7 +191,7 @@ def _carry(src: Path, dst: Path) -> None:
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
     try:
-        renameat2 = _libc().renameat2
+        renameat2 = libc().renameat2
     except (AttributeError, OSError):
         return False
     at_fdcwd, rename_exchange = -100, 2
