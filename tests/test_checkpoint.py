@@ -319,6 +319,29 @@ def test_loaded_weights_share_the_file_mapping_when_the_dtype_matches(tmp_path):
     assert torch.equal(reread.model.decoder.embed_tokens.weight, ref.model.decoder.embed_tokens.weight)
 
 
+def test_upcast_big_tensors_get_their_own_aligned_memory(tmp_path):
+    # An 8 MB fp32 embedding takes the huge-page path of the cast; the small tensors take torch.empty.
+    import transformers
+
+    ref, _ = make_pair("OPTForCausalLM", "pre_ln", vocab_size=4096, hidden_size=512, ffn_dim=64)
+    ref.half().save_pretrained(tmp_path)
+    ours = optlite.OPTForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    embed = ours.model.decoder.embed_tokens.weight
+    assert embed.numel() * 4 == 8 << 20
+    if sys.platform == "linux":
+        assert embed.data_ptr() % (2 << 20) == 0
+    for p in ours.parameters():  # each tensor owns exactly its bytes: torch.save writes no padding
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+        assert p.dtype == torch.float32 and p.is_contiguous()
+    assert ours.lm_head.weight is embed
+    ref32 = transformers.OPTForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids, mask = batch("left", vocab=4096)
+    assert_same(outputs(ours, ids, mask)[0], outputs(ref32, ids, mask)[0])
+    with torch.no_grad():
+        embed.mul_(2.0)  # writable, and private to this model
+    assert torch.equal(embed, 2.0 * ref.model.decoder.embed_tokens.weight.float())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Saving: read back by transformers, sharding, formats
 # ---------------------------------------------------------------------------------------------------------------

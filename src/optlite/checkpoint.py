@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -273,19 +274,24 @@ class SafetensorsShard:
 
 
 HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14
 
 
 def empty_for_cast(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A new CPU tensor to cast a stored tensor into. Filling fresh memory is mostly first-touch page faults; on Linux,
-    asking for transparent huge pages (one 2 MB fault instead of 512 small ones) halves that time."""
-    out = torch.empty(shape, dtype=dtype)
-    nbytes = out.numel() * out.element_size()
-    if sys.platform == "linux" and nbytes >= 4 * HUGE_PAGE:
-        start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE  # huge pages cover the 2 MB-aligned interior only
-        length = (out.data_ptr() + nbytes - start) // HUGE_PAGE * HUGE_PAGE
-        libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_HUGEPAGE)  # a refusal only costs speed
-    return out
+    """A new CPU tensor to cast a stored tensor into. Filling fresh memory is mostly the kernel's page faults. On Linux
+    a big tensor gets its own anonymous mapping, 2 MB-aligned and asking for transparent huge pages: one fault per
+    2 MB instead of 512, which halves that time, and no small pages at the edges (malloc's blocks are not aligned)."""
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    if sys.platform != "linux" or nbytes < 4 * HUGE_PAGE:
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # private: plain process memory, not shmem
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % HUGE_PAGE
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # THP compiled out or disabled: only slower
+        pass
+    # The tensor keeps the mapping alive and its storage is exactly the tensor, so torch.save writes no padding.
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=start).view(shape)
 
 
 @functools.cache
