@@ -119,10 +119,12 @@ def main() -> None:
     try:
         results: dict[tuple[str, str], list[dict]] = {}
         for dtype in args.modes.split(","):
+            previous = None
             for i in range(args.repeats):
                 order = ("optlite", "transformers") if i % 2 == 0 else ("transformers", "optlite")
                 for which in order:
                     r = run_one(which, dtype, args.dir)
+                    r["after"], previous = previous, which
                     results.setdefault((which, dtype), []).append(r)
                     print(f"  {dtype:8} {which:12} {r['seconds']:6.2f} s  cpu {r['cpu_seconds']:6.2f} s  "
                           f"{r['peak_bytes'] / 2**30:6.2f} GiB", flush=True)
@@ -148,6 +150,18 @@ def print_table(results: dict, modes: list[str], repeats: int) -> None:
         om, tm = med("optlite", dtype, "peak_bytes"), med("transformers", dtype, "peak_bytes")
         print(f"| {dtype} | {ot:.2f} s | {tt:.2f} s | {tt / ot:.1f}x | {oc:.2f} s | {tc:.2f} s "
               f"| {om / 2**30:.2f} GiB | {tm / 2**30:.2f} GiB | {tm / max(om, 1):.1f}x |")
+    # On a virtual machine the cost of fresh memory can depend on what the previous process did with it, so the
+    # alternating order gives each library the same predecessors; this split shows how much that matters.
+    print("\nwall-time medians split by the library of the preceding load:\n")
+    for dtype in modes:
+        cells = []
+        for which in ("optlite", "transformers"):
+            for after in ("optlite", "transformers"):
+                times = [r["seconds"] for r in results[(which, dtype)] if r["after"] == after]
+                cells.append(f"{which} after {after}: {statistics.median(times):.2f} s (n={len(times)})" if times
+                             else f"{which} after {after}: -")
+        print(f"  {dtype}: " + "; ".join(cells))
+
 
 if __name__ == "__main__":
     main()
