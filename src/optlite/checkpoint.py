@@ -279,7 +279,7 @@ HUGE_PAGE = 2 << 20
 def empty_for_cast(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A new CPU tensor to cast a stored tensor into. Filling fresh memory is mostly the kernel's page faults. On Linux
     a big tensor gets its own anonymous mapping, 2 MB-aligned and asking for transparent huge pages: one fault per
-    2 MB instead of 512, which halves that time, and no small pages at the edges (malloc's blocks are not aligned)."""
+    2 MB instead of 512, and no small pages at the edges as malloc's unaligned blocks leave."""
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if sys.platform != "linux" or nbytes < 4 * HUGE_PAGE:
