@@ -28,8 +28,8 @@ def main_tensors(out, cls_name):
 
 def assert_close(name, a, b, atol=ATOL):
     assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    diff = record(name, a, b)
-    assert diff <= atol, f"{name}: max |diff| {diff:.3e} > {atol}"
+    diff = record(name, a, b, relative=True)  # logits and losses run to tens: fp32 rounding grows with them
+    assert diff <= atol, f"{name}: max |diff| / max(|ref|, 1) {diff:.3e} > {atol}"
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -25,10 +25,19 @@ CLASSES = ["OPTModel", "OPTForCausalLM", "OPTForSequenceClassification", "OPTFor
 MAX_DIFFS: dict[str, float] = {}
 
 
-def record(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
-    diff = (a.detach().float() - b.detach().float()).abs().max().item() if a.numel() else 0.0
-    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), diff)
-    return diff
+def record(name: str, a: torch.Tensor, b: torch.Tensor, relative: bool = False) -> float:
+    """The largest |a - b|, remembered under `name` for the summary. With relative=True it is divided by
+    max(|b|, 1), for values such as summed log-probabilities (beam scores near -100), whose fp32 rounding grows
+    with their size and with the order in which a CPU's BLAS kernel sums: a Xeon and an EPYC differ there."""
+    if not a.numel():
+        return 0.0
+    a, b = a.detach().float(), b.detach().float()
+    diff = (a - b).abs()
+    if relative:
+        diff = diff / b.abs().clamp(min=1.0)
+        name += " (relative)"
+    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), diff.max().item())
+    return diff.max().item()
 
 
 def config_kwargs(shape: str, **overrides) -> dict:
