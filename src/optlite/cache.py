@@ -58,8 +58,9 @@ class DynamicCache:
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def get_seq_length(self) -> int:
-        return self.keys[0].shape[-2] if self.keys else 0
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens cached for one layer (0 before its first update)."""
+        return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Select batch rows in place (beam search keeps the beams it extends)."""
@@ -114,8 +115,8 @@ class StaticCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
-    def get_seq_length(self) -> int:
-        return self.lengths[0]
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
 
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Select batch rows in place (beam search); the buffers keep their size."""

@@ -551,9 +551,6 @@ def plan_device_map(model: nn.Module, device_map: str | dict | int | torch.devic
     elif not isinstance(device_map, dict):
         raise TypeError(f"device_map must be 'auto', 'balanced', 'sequential', a device or a dict, got {device_map!r}")
     device_map = dict(device_map)
-    # Heads call self.model.decoder directly, so a hook on the OPTModel wrapper would never run: map its decoder.
-    if "model" in device_map and hasattr(model, "model"):
-        device_map["model.decoder"] = device_map.pop("model")
     uncovered = [k for k in model.state_dict() if _device_in_map(k, device_map) is None]
     if uncovered:
         raise ValueError(f"device_map does not place {len(uncovered)} weights: {', '.join(uncovered[:5])} "

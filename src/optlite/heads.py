@@ -15,7 +15,7 @@ from torch import nn
 from .config import OPTConfig
 from .generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .generation import generate as _generate
-from .modeling import Linear, OPTModel, OPTPreTrainedModel
+from .modeling import OPTModel, OPTPreTrainedModel, config_flag
 from .outputs import CausalLMOutputWithPast, QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class OPTForCausalLM(OPTPreTrainedModel):
     def __init__(self, config: OPTConfig):
         super().__init__(config)
         self.model = OPTModel(config)
-        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -63,15 +63,17 @@ class OPTForCausalLM(OPTPreTrainedModel):
     ) -> CausalLMOutputWithPast | tuple:
         """`labels` are the input ids themselves (shifted inside); -100 marks positions left out of the loss.
         `logits_to_keep=k` computes logits for the last k positions only (0: all), as generation needs."""
-        out = self.model.decoder(input_ids, attention_mask, head_mask, past_key_values, inputs_embeds, use_cache,
-                                 output_attentions, output_hidden_states, True, position_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, head_mask=head_mask,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         return_dict=True, position_ids=position_ids)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
-        return result if return_dict is not False else result.to_tuple()
+        return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
@@ -143,8 +145,10 @@ class OPTForSequenceClassification(OPTPreTrainedModel):
         pad = self.config.pad_token_id
         if pad is None and batch != 1:
             raise ValueError("batches of more than one row need config.pad_token_id to find each row's last token")
-        out = self.model.decoder(input_ids, attention_mask, head_mask, past_key_values, inputs_embeds, use_cache,
-                                 output_attentions, output_hidden_states, True, position_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, head_mask=head_mask,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         return_dict=True, position_ids=position_ids)
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         if pad is not None and input_ids is not None:
             # The rightmost token that is not padding, so left and right padding both work.
@@ -157,7 +161,7 @@ class OPTForSequenceClassification(OPTPreTrainedModel):
         pooled = logits[torch.arange(batch, device=logits.device), last]  # (B, num_labels)
         loss = self._loss(pooled, labels) if labels is not None else None
         result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
-        return result if return_dict is not False else result.to_tuple()
+        return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.to(logits.device)
@@ -212,8 +216,10 @@ class OPTForQuestionAnswering(OPTPreTrainedModel):
         position_ids: torch.Tensor | None = None,
     ) -> QuestionAnsweringModelOutput | tuple:
         """Positions outside the sequence are clamped to its length and ignored by the loss, as in transformers."""
-        out = self.model.decoder(input_ids, attention_mask, head_mask, past_key_values, inputs_embeds, use_cache,
-                                 output_attentions, output_hidden_states, True, position_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, head_mask=head_mask,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         return_dict=True, position_ids=position_ids)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # 2 x (B, T)
         start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
         loss = None
@@ -224,4 +230,4 @@ class OPTForQuestionAnswering(OPTPreTrainedModel):
             loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
                     + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
         result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
-        return result if return_dict is not False else result.to_tuple()
+        return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()

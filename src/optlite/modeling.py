@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .activations import ACTIVATIONS
-from .cache import DynamicCache, as_cache
+from .cache import Cache, DynamicCache, as_cache
 from .config import OPTConfig
 from .outputs import BaseModelOutputWithPast
 
@@ -35,26 +37,14 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
         return super().forward(position_ids + self.offset)
 
 
-FEW_ROWS = (4, 48)  # the row counts where Linear's product order below is the faster one
-MKL = torch.backends.mkl.is_available()
-
-
-class Linear(nn.Linear):
-    """nn.Linear with a faster CPU product for a few rows, the shape of decoding a small batch.
-
-    MKL (the CPU BLAS of PyTorch's x86 builds) computes x @ W.T for 4 to 48 rows well below memory speed, while
-    the same product taken as (W @ x.T).T streams W at full speed: 1.1-2x faster per layer (measured on a Xeon for
-    every OPT layer shape; with 1-3 rows or 64 and more, F.linear is as fast or faster). The result equals
-    F.linear's up to fp32 rounding, as the sums run in another order.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if FEW_ROWS[0] <= rows <= FEW_ROWS[1] and x.is_cpu and x.dtype == torch.float32 and MKL:
-            x2 = x.reshape(rows, self.in_features)
-            y = self.weight @ x2.T if self.bias is None else torch.addmm(self.bias[:, None], self.weight, x2.T)
-            return y.T.contiguous().view(*x.shape[:-1], self.out_features)  # (..., out); kernels want stride 1
-        return F.linear(x, self.weight, self.bias)
+def config_flag(config: OPTConfig, name: str, value: bool | None) -> bool:
+    """An argument given to forward wins; None falls back to the config's flag of that name, as in transformers
+    (`output_attentions`, `output_hidden_states` default False; `use_return_dict` True)."""
+    if value is not None:
+        return bool(value)
+    if name == "use_return_dict":
+        return bool(getattr(config, "use_return_dict", getattr(config, "return_dict", True)))
+    return bool(getattr(config, name, False))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor | None, past_len: int, q_len: int,
@@ -66,22 +56,34 @@ def position_ids_from_mask(attention_mask: torch.Tensor | None, past_len: int, q
     return (mask.cumsum(-1) * mask - 1)[:, past_len:]  # (B, T)
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int,
-                         dtype: torch.dtype, device: torch.device, eager: bool) -> torch.Tensor | None:
-    """The mask the attention kernels take: None when SDPA's own causal flag suffices, else a boolean
-    (B, 1, T, S) mask for SDPA, or an additive float mask for the eager path. Masked scores get
-    finfo(dtype).min, never -inf, so a fully masked row (a left pad) gives no NaN."""
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if not eager and not padded and (q_len == 1 or past_len == 0):
-        return None
+def causal_mask(q_len: int, past_len: int, device: torch.device) -> torch.Tensor:
+    """True where a query may attend: each of the q_len new tokens sees the past_len cached ones and itself."""
     q_pos = torch.arange(past_len, past_len + q_len, device=device)
     k_pos = torch.arange(past_len + q_len, device=device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
-    if padded:
+    return (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype,
+                         device: torch.device, eager: bool) -> torch.Tensor | None:
+    """The mask the decoder passes to its layers: None when SDPA's own causal flag suffices (no padding mask, and
+    a single new token or an empty cache), else a boolean (B, 1, T, S) mask for SDPA, or an additive float mask
+    for the eager path. Masked scores get finfo(dtype).min, never -inf, so a fully masked row (a left pad) gives
+    no NaN. A given mask is always applied, even when it is all ones: deciding that would branch on data."""
+    if attention_mask is None and not eager and (q_len == 1 or past_len == 0):
+        return None
+    allowed = causal_mask(q_len, past_len, device)  # (1, 1, T, S)
+    if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
     if not eager:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean keep-mask as the additive float mask eager attention adds to its scores (a float mask as is)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 class OPTAttention(nn.Module):
@@ -95,37 +97,47 @@ class OPTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
         c, bias = config.hidden_size, config.enable_bias
-        self.k_proj = Linear(c, c, bias=bias)
-        self.v_proj = Linear(c, c, bias=bias)
-        self.q_proj = Linear(c, c, bias=bias)
-        self.out_proj = Linear(c, c, bias=bias)
+        self.k_proj = nn.Linear(c, c, bias=bias)
+        self.v_proj = nn.Linear(c, c, bias=bias)
+        self.q_proj = nn.Linear(c, c, bias=bias)
+        self.out_proj = nn.Linear(c, c, bias=bias)
 
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache | None,
-                head_mask: torch.Tensor | None = None, eager: bool = False,
+    def forward(self, hidden_states: torch.Tensor, past_key_values: Cache | None = None,
+                attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
+                layer_head_mask: torch.Tensor | None = None, **kwargs: Any,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_mask`: the (B, 1, T, S) mask the decoder passes (boolean keep-mask or additive float), or
+        None for causal attention. Returns the output and, with `output_attentions`, the attention weights."""
         B, T, C = hidden_states.shape
         H, D = self.num_heads, self.head_dim
         # OPT scales the query (bias included) right after q_proj; the scores are then left unscaled (scale=1).
         q = (self.q_proj(hidden_states) * self.scaling).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         v = self.v_proj(hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, H, S, D)
+        past = 0
+        if past_key_values is not None:
+            past = past_key_values.get_seq_length(self.layer_idx)
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, H, S, D)
+        mask = attention_mask
+        eager = output_attentions or layer_head_mask is not None  # SDPA returns no weights and takes no head mask
+        # SDPA's is_causal aligns queries to the first key, which is right only without a past.
+        if mask is None and (eager or (past and T > 1)):
+            mask = causal_mask(T, past, hidden_states.device)  # (1, 1, T, S)
         p = self.dropout if self.training else 0.0
         if eager:
-            scores = q @ k.transpose(-1, -2)  # (B, H, T, S)
-            if mask is not None:
-                scores = scores + mask
+            scores = q @ k.transpose(-1, -2) + additive_mask(mask, q.dtype)  # (B, H, T, S)
             weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in fp32, as OPT does
-            if head_mask is not None:
-                weights = weights * head_mask.view(1, -1, 1, 1)
+            if layer_head_mask is not None:
+                weights = weights * layer_head_mask.view(1, -1, 1, 1)
             out = F.dropout(weights, p=p, training=self.training) @ v  # (B, H, T, D)
         else:
             weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                 is_causal=mask is None and T > 1, scale=1.0)  # (B, H, T, D)
+            # A Python bool decided by the cache's structure, so tracing with a dynamic length never sees a SymBool.
+            is_causal = mask is None and not past
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
+                                                 scale=1.0)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.out_proj(out), weights
+        return self.out_proj(out), weights if output_attentions else None
 
 
 class OPTDecoderLayer(nn.Module):
@@ -139,15 +151,29 @@ class OPTDecoderLayer(nn.Module):
         self.act = ACTIVATIONS[config.activation_function]
         affine, c = config.layer_norm_elementwise_affine, config.hidden_size
         self.self_attn_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
-        self.fc1 = Linear(c, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = Linear(config.ffn_dim, c, bias=config.enable_bias)
+        self.fc1 = nn.Linear(c, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, c, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, cache: DynamicCache | None,
-                head_mask: torch.Tensor | None = None, eager: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pre = self.do_layer_norm_before
-        a, weights = self.self_attn(self.self_attn_layer_norm(h) if pre else h, mask, cache, head_mask, eager)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: Cache | None = None, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None, output_attentions: bool = False,
+                layer_head_mask: torch.Tensor | None = None, **kwargs: Any,
+                ) -> tuple[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(hidden_states,)`, or `(hidden_states, attention_weights)` with `output_attentions`.
+        Called alone, `attention_mask=None` means causal attention over `hidden_states` (and the cache's past).
+
+        Example:
+            >>> import torch
+            >>> from optlite import OPTConfig, OPTModel
+            >>> layer = OPTModel(OPTConfig.from_preset("opt-tiny")).decoder.layers[0]
+            >>> layer(torch.randn(1, 5, 64))[0].shape
+            torch.Size([1, 5, 64])
+        """
+        h, pre = hidden_states, self.do_layer_norm_before
+        a, weights = self.self_attn(self.self_attn_layer_norm(h) if pre else h, past_key_values=past_key_values,
+                                    attention_mask=attention_mask, output_attentions=output_attentions,
+                                    layer_head_mask=layer_head_mask)
         h = h + F.dropout(a, p=self.dropout, training=self.training)
         if not pre:
             h = self.self_attn_layer_norm(h)  # 350m: LayerNorm after the residual
@@ -155,7 +181,7 @@ class OPTDecoderLayer(nn.Module):
         h = h + F.dropout(f, p=self.dropout, training=self.training)
         if not pre:
             h = self.final_layer_norm(h)
-        return h, weights
+        return (h, weights) if output_attentions else (h,)
 
 
 class OPTPreTrainedModel(nn.Module):
@@ -246,7 +272,7 @@ class OPTPreTrainedModel(nn.Module):
             if self.config.tie_word_embeddings:
                 self.tie_weights()
             else:
-                new_head = Linear(head.in_features, n, bias=False, device=head.weight.device,
+                new_head = nn.Linear(head.in_features, n, bias=False, device=head.weight.device,
                                   dtype=head.weight.dtype)
                 new_head.weight = _resized_rows(head, n).weight
                 self.lm_head = new_head
@@ -366,8 +392,8 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, p, config.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, c)
         # 350m embeds words in 512 dims and projects to and from the 1024-wide stack.
-        self.project_out = Linear(c, p, bias=False) if p != c else None
-        self.project_in = Linear(p, c, bias=False) if p != c else None
+        self.project_out = nn.Linear(c, p, bias=False) if p != c else None
+        self.project_in = nn.Linear(p, c, bias=False) if p != c else None
         affine = config.layer_norm_elementwise_affine
         self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine) if config.has_final_layer_norm else None
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -386,17 +412,11 @@ class OPTDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPast | tuple:
         cfg = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        output_attentions = config_flag(cfg, "output_attentions", output_attentions)
+        output_hidden_states = config_flag(cfg, "output_hidden_states", output_hidden_states)
         if input_ids is not None:
             input_ids = input_ids.view(-1, input_ids.shape[-1])  # (B, T)
-            self._check_token_ids(input_ids)
-            batch, q_len = input_ids.shape
-        else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.word_embed_proj_dim:
-                raise ValueError(f"inputs_embeds must be (batch, seq, {cfg.word_embed_proj_dim}), "
-                                 f"got {tuple(inputs_embeds.shape)}")
-            batch, q_len = inputs_embeds.shape[:2]
+        batch, q_len = self._check_inputs(input_ids, inputs_embeds)
         if use_cache is None:
             use_cache = cfg.use_cache and not self.training
         if use_cache and self.gradient_checkpointing and self.training:
@@ -409,12 +429,9 @@ class OPTDecoder(nn.Module):
         if past_len + q_len > cfg.max_position_embeddings:
             raise ValueError(f"sequence of {past_len + q_len} tokens ({past_len} cached + {q_len} new) is longer "
                              f"than max_position_embeddings={cfg.max_position_embeddings}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_len + q_len):
-            raise ValueError(f"attention_mask must be (batch, cached + new tokens) = ({batch}, {past_len + q_len}), "
-                             f"got {tuple(attention_mask.shape)}")
+        self._check_attention_mask(attention_mask, batch, past_len + q_len)
         if head_mask is not None:
             head_mask = self._expand_head_mask(head_mask)
-        output_attentions = bool(output_attentions)
         eager = output_attentions or head_mask is not None  # SDPA returns no weights and takes no head mask
 
         if inputs_embeds is None:
@@ -424,8 +441,27 @@ class OPTDecoder(nn.Module):
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)  # (B, T, C)
         h = inputs_embeds + self.embed_positions(position_ids)  # (B, T, C)
-        mask = build_attention_mask(attention_mask, batch, q_len, past_len, h.dtype, h.device, eager)
+        mask = build_attention_mask(attention_mask, q_len, past_len, h.dtype, h.device, eager)
+        h, all_hidden, all_attn = self._run_layers(h, mask, cache, use_cache, position_ids, output_attentions,
+                                                   output_hidden_states, head_mask)
+        if self.final_layer_norm is not None:
+            h = self.final_layer_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)  # (B, T, P)
+        if all_hidden is not None:
+            all_hidden.append(h)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attn) if all_attn is not None else None,
+        )
+        return out if config_flag(cfg, "use_return_dict", return_dict) else out.to_tuple()
 
+    def _run_layers(self, h: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None, use_cache: bool,
+                    position_ids: torch.Tensor, output_attentions: bool, output_hidden_states: bool,
+                    head_mask: torch.Tensor | None) -> tuple[torch.Tensor, list | None, list | None]:
+        """Each layer gets the hidden states positionally and the rest by keyword, as transformers calls them."""
         all_hidden = [] if output_hidden_states else None
         all_attn = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
@@ -434,27 +470,48 @@ class OPTDecoder(nn.Module):
             # LayerDrop: in training, skip each layer with probability `layerdrop`.
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
-            layer_head_mask = head_mask[i] if head_mask is not None else None
+            kwargs = dict(attention_mask=mask, past_key_values=cache, use_cache=use_cache, position_ids=position_ids,
+                          output_attentions=output_attentions,
+                          layer_head_mask=head_mask[i] if head_mask is not None else None)
             if self.gradient_checkpointing and self.training:
-                h, weights = checkpoint(layer, h, mask, cache, layer_head_mask, eager, **self.checkpoint_kwargs)
+                out = checkpoint(partial(layer, **kwargs), h, **self.checkpoint_kwargs)
             else:
-                h, weights = layer(h, mask, cache, layer_head_mask, eager)
+                out = layer(h, **kwargs)
+            h = out[0]
             if all_attn is not None:
-                all_attn.append(weights)
-        if self.final_layer_norm is not None:
-            h = self.final_layer_norm(h)
-        if self.project_out is not None:
-            h = self.project_out(h)  # (B, T, P)
-        if all_hidden is not None:
-            all_hidden.append(h)
+                all_attn.append(out[1])
+        return h, all_hidden, all_attn
 
-        out = BaseModelOutputWithPast(
-            last_hidden_state=h,
-            past_key_values=cache if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            attentions=tuple(all_attn) if all_attn is not None else None,
-        )
-        return out if return_dict is not False else out.to_tuple()
+    def _check_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> tuple[int, int]:
+        """(batch, new tokens) of whichever of input_ids and inputs_embeds was given (exactly one must be)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            self._check_token_ids(input_ids)
+            return input_ids.shape[0], input_ids.shape[1]
+        p = self.config.word_embed_proj_dim
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != p:
+            raise ValueError(f"inputs_embeds must be (batch, seq, {p}), got {tuple(inputs_embeds.shape)}")
+        return inputs_embeds.shape[0], inputs_embeds.shape[1]
+
+    def _check_attention_mask(self, attention_mask: torch.Tensor | None, batch: int, total_len: int) -> None:
+        """A (batch, cached + new) mask of ones and zeros. Values are checked only in eager mode: under
+        torch.compile or export a check on data would break the graph."""
+        if attention_mask is None:
+            return
+        if tuple(attention_mask.shape) != (batch, total_len):
+            raise ValueError(f"attention_mask must be (batch, cached + new tokens) = ({batch}, {total_len}), "
+                             f"got {tuple(attention_mask.shape)}")
+        if torch.compiler.is_compiling() or not attention_mask.numel():
+            return
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            raise ValueError(f"attention_mask must hold only 1 (attend) and 0 (padding), got {bad!r}: a fractional "
+                             f"mask would be cast to 0 and hide those tokens")
+        empty = (~attention_mask.bool().any(-1)).nonzero().flatten().tolist()
+        if empty:
+            warnings.warn(f"attention_mask rows {empty} are all zeros: those rows attend to no token and their "
+                          f"outputs are meaningless", stacklevel=3)
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
@@ -503,5 +560,7 @@ class OPTModel(OPTPreTrainedModel):
         return_dict: bool | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPast | tuple:
-        return self.decoder(input_ids, attention_mask, head_mask, past_key_values, inputs_embeds, use_cache,
-                            output_attentions, output_hidden_states, return_dict, position_ids)
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, head_mask=head_mask,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                            return_dict=return_dict, position_ids=position_ids)
