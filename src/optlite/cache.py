@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 LegacyCache = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -16,6 +17,7 @@ class DynamicCache:
 
     Example:
         >>> import torch
+from torch.utils import _pytree as pytree
         >>> from optlite import OPTConfig, OPTForCausalLM
         >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval()
         >>> out = model(torch.tensor([[2, 100, 200]]), use_cache=True)
@@ -86,6 +88,7 @@ class StaticCache:
 
     Example:
         >>> import torch
+from torch.utils import _pytree as pytree
         >>> from optlite import OPTConfig, OPTForCausalLM, StaticCache
         >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval()
         >>> cache = StaticCache(model.config, batch_size=1, max_cache_len=16)
@@ -136,6 +139,46 @@ class StaticCache:
 
 
 Cache = DynamicCache | StaticCache
+
+
+# Pytree nodes, so an exported or compiled forward can take and return a cache: the tensors are the children,
+# a StaticCache's sizes and fill levels are the (static) context.
+def _flatten_dynamic(cache: DynamicCache) -> tuple[list, None]:
+    return [cache.keys, cache.values], None
+
+
+def _unflatten_dynamic(children: Iterable, context: None) -> DynamicCache:
+    cache = DynamicCache()
+    keys, values = children
+    cache.keys, cache.values = list(keys), list(values)
+    return cache
+
+
+def _flatten_static(cache: StaticCache) -> tuple[list, tuple[int, tuple[int, ...]]]:
+    return [cache.keys, cache.values], (cache.max_cache_len, tuple(cache.lengths))
+
+
+def _unflatten_static(children: Iterable, context: tuple[int, tuple[int, ...]]) -> StaticCache:
+    cache = StaticCache.__new__(StaticCache)
+    keys, values = children
+    cache.keys, cache.values = list(keys), list(values)
+    cache.max_cache_len, cache.lengths = context[0], list(context[1])
+    return cache
+
+
+def _with_keys(flatten: Callable) -> Callable:
+    def flatten_with_keys(cache: Cache) -> tuple[list, object]:
+        children, context = flatten(cache)
+        return [(pytree.GetAttrKey("keys"), children[0]), (pytree.GetAttrKey("values"), children[1])], context
+    return flatten_with_keys
+
+
+pytree.register_pytree_node(DynamicCache, _flatten_dynamic, _unflatten_dynamic,
+                            serialized_type_name="optlite.cache.DynamicCache",
+                            flatten_with_keys_fn=_with_keys(_flatten_dynamic))
+pytree.register_pytree_node(StaticCache, _flatten_static, _unflatten_static,
+                            serialized_type_name="optlite.cache.StaticCache",
+                            flatten_with_keys_fn=_with_keys(_flatten_static))
 
 
 def as_cache(past: Cache | LegacyCache | None, num_layers: int) -> Cache | None:

@@ -1,4 +1,6 @@
-"""Model outputs: small dataclasses read by attribute, key or index, like transformers' ModelOutput."""
+"""Model outputs: small dataclasses read by attribute, key or index, like transformers' ModelOutput.
+
+Each is a registered pytree node, so torch.export and torch.compile see through them to the tensors inside."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 
 class ModelOutput:
@@ -44,6 +47,13 @@ class ModelOutput:
         return len(self.keys())
 
 
+def pytree_output(cls: type) -> type:
+    """Register an output dataclass as a pytree node (its fields are its children; None fields hold no leaves)."""
+    pytree.register_dataclass(cls, serialized_type_name=f"optlite.outputs.{cls.__name__}")
+    return cls
+
+
+@pytree_output
 @dataclass
 class BaseModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
@@ -52,6 +62,7 @@ class BaseModelOutputWithPast(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+@pytree_output
 @dataclass
 class CausalLMOutputWithPast(ModelOutput):
     loss: torch.Tensor | None = None
@@ -61,6 +72,7 @@ class CausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+@pytree_output
 @dataclass
 class SequenceClassifierOutputWithPast(ModelOutput):
     loss: torch.Tensor | None = None
@@ -70,6 +82,7 @@ class SequenceClassifierOutputWithPast(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+@pytree_output
 @dataclass
 class QuestionAnsweringModelOutput(ModelOutput):
     loss: torch.Tensor | None = None
