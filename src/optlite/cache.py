@@ -17,7 +17,6 @@ class DynamicCache:
 
     Example:
         >>> import torch
-from torch.utils import _pytree as pytree
         >>> from optlite import OPTConfig, OPTForCausalLM
         >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval()
         >>> out = model(torch.tensor([[2, 100, 200]]), use_cache=True)
@@ -88,7 +87,6 @@ class StaticCache:
 
     Example:
         >>> import torch
-from torch.utils import _pytree as pytree
         >>> from optlite import OPTConfig, OPTForCausalLM, StaticCache
         >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval()
         >>> cache = StaticCache(model.config, batch_size=1, max_cache_len=16)
