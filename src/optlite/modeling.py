@@ -63,6 +63,13 @@ def causal_mask(q_len: int, past_len: int, device: torch.device) -> torch.Tensor
     return (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean keep-mask as the additive float mask eager attention adds to its scores (a float mask as is)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
 def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype,
                          device: torch.device, eager: bool) -> torch.Tensor | None:
     """The mask the decoder passes to its layers: None when SDPA's own causal flag suffices (no padding mask, and
@@ -74,16 +81,7 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_l
     allowed = causal_mask(q_len, past_len, device)  # (1, 1, T, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
-    if not eager:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean keep-mask as the additive float mask eager attention adds to its scores (a float mask as is)."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return additive_mask(allowed, dtype) if eager else allowed
 
 
 class OPTAttention(nn.Module):
@@ -511,7 +509,7 @@ class OPTDecoder(nn.Module):
         empty = (~attention_mask.bool().any(-1)).nonzero().flatten().tolist()
         if empty:
             warnings.warn(f"attention_mask rows {empty} are all zeros: those rows attend to no token and their "
-                          f"outputs are meaningless", stacklevel=3)
+                          f"outputs are meaningless", stacklevel=2)
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
