@@ -365,7 +365,7 @@ class OPTPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
+        name_or_path: str | os.PathLike | None,
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -381,6 +381,8 @@ class OPTPreTrainedModel(nn.Module):
         output_loading_info: bool = False,
         config: OPTConfig | None = None,
         progress: bool = True,
+        subfolder: str = "",
+        state_dict: dict[str, torch.Tensor] | None = None,
         **config_overrides: Any,
     ) -> Any:
         """Load a checkpoint from a local directory or a hub repo id (safetensors preferred, else `.bin` through
@@ -391,8 +393,11 @@ class OPTPreTrainedModel(nn.Module):
         (`torch_dtype` is an alias). `device`: "cpu", "cuda", "cuda:1", "mps"… `device_map`: "auto", "balanced",
         "sequential" or a {module: device | "disk"} dict, with `max_memory` and `offload_folder` (accelerate).
         Other keyword arguments override config values (`num_labels=3`, `dropout=0.0`). A head missing from the
-        checkpoint is initialised and reported; `output_loading_info=True` returns `(model, info)`. Preset names
-        ("opt-125m") are not checkpoints: use `Class(OPTConfig.from_preset(name))` for a random model.
+        checkpoint is initialised and reported; `output_loading_info=True` returns `(model, info)` with
+        transformers' sets of missing / unexpected / mismatched keys. `subfolder`: the checkpoint sits in that
+        folder of the directory or repo. `state_dict`: weights to use instead of the checkpoint's files; with
+        `name_or_path=None` and `config=` no files are read at all. Preset names ("opt-125m") are not
+        checkpoints: use `Class(OPTConfig.from_preset(name))` for a random model.
 
         Example:
             >>> from optlite import OPTForCausalLM
@@ -410,7 +415,7 @@ class OPTPreTrainedModel(nn.Module):
                                max_memory=max_memory, offload_folder=offload_folder,
                                ignore_mismatched_sizes=ignore_mismatched_sizes,
                                output_loading_info=output_loading_info, config=config, progress=progress,
-                               **config_overrides)
+                               subfolder=subfolder, state_dict=state_dict, **config_overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> None:
