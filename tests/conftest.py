@@ -43,6 +43,28 @@ def checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory) -> Path:
+    """A tiny OPTForCausalLM saved by transformers, with the real OPT tokenizer files beside it, as a hub repo of
+    facebook/opt-* looks: what the tool integration tests load into both transformers and optlite."""
+    import shutil
+
+    import transformers
+    from tiny import randomize_
+
+    if not SHARED_TOKENIZER.is_dir():
+        pytest.skip("the real OPT tokenizer files (../shared/opt_tokenizer) are absent")
+    folder = tmp_path_factory.mktemp("hf-tiny-opt")
+    config = transformers.OPTConfig(vocab_size=50272, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                    num_attention_heads=2, max_position_embeddings=64, dropout=0.0)
+    model = transformers.OPTForCausalLM(config)
+    randomize_(model, seed=0)
+    model.save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(SHARED_TOKENIZER / name, folder / name)
+    return folder
+
+
 def pytest_terminal_summary(terminalreporter):
     import tiny
 

@@ -131,9 +131,9 @@ def test_every_layout_loads_into_every_class_like_transformers(layouts, layout, 
     head = {"OPTForSequenceClassification": "score", "OPTForQuestionAnswering": "qa_outputs"}.get(cls_name)
     if head is None:
         assert_same(a, b)
-        assert info["missing_keys"] == info["newly_initialized_keys"] == []
+        assert info["missing_keys"] == info["newly_initialized_keys"] == set()
     else:  # both initialise a head the checkpoint lacks; they draw different random numbers
-        assert sorted(info["newly_initialized_keys"]) == sorted(k for k in ours.state_dict() if k.startswith(head))
+        assert info["newly_initialized_keys"] == {k for k in ours.state_dict() if k.startswith(head)}
         module = getattr(ours, head)
         assert module.weight.std().item() == pytest.approx(ours.config.init_std, rel=0.5)
         if module.bias is not None:
@@ -143,7 +143,7 @@ def test_every_layout_loads_into_every_class_like_transformers(layouts, layout, 
     if cls_name == "OPTForCausalLM":
         assert ours.lm_head.weight is ours.model.decoder.embed_tokens.weight
     if cls_name == "OPTModel" and layout == "hub_125m_bin":
-        assert info["unexpected_keys"] == ["lm_head.weight"]
+        assert info["unexpected_keys"] == {"lm_head.weight"}
 
 
 def test_task_checkpoints_load_into_their_class_and_base_classes_drop_the_head(tmp_path, caplog):
@@ -155,7 +155,7 @@ def test_task_checkpoints_load_into_their_class_and_base_classes_drop_the_head(t
         assert_same(outputs(ref, ids, mask)[0], outputs(ours, ids, mask)[0])
         with caplog.at_level(logging.INFO, logger="optlite.checkpoint"):
             base, info = optlite.OPTModel.from_pretrained(tmp_path / cls_name, output_loading_info=True)
-        assert sorted(info["unexpected_keys"]) == sorted(k for k in ref.state_dict() if k.startswith(head))
+        assert info["unexpected_keys"] == {k for k in ref.state_dict() if k.startswith(head)}
         assert "dropped the head weights" in caplog.text and head in caplog.text
         assert_same(outputs(ref, ids, mask)[1], outputs(base, ids, mask)[0])
 
@@ -365,7 +365,8 @@ def test_transformers_reads_what_we_save(tmp_path, cls_name, how):
 def test_saved_files_layout(tmp_path):
     _, ours = make_pair("OPTForCausalLM", "pre_ln")
     ours.save_pretrained(tmp_path / "one")
-    assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
+    # A causal LM writes its decoding defaults too, as transformers does (derived from the config when fresh).
+    assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "generation_config.json", "model.safetensors"]
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "one" / "model.safetensors"), "pt") as f:
@@ -451,9 +452,9 @@ def test_save_failing_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(value, reloaded.state_dict()[key])
     # A successful save replaces every owned file (no stale shard stays) and keeps the user's other files.
     new.save_pretrained(target)
-    assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(target)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     new.save_pretrained(target, safe_serialization=False)
-    assert sorted(os.listdir(target)) == ["README.md", "config.json", "pytorch_model.bin"]
+    assert sorted(os.listdir(target)) == ["README.md", "config.json", "generation_config.json", "pytorch_model.bin"]
 
 
 CHILD = """
@@ -812,7 +813,7 @@ def test_shape_mismatch_names_key_and_shapes_unless_ignored(good):
         optlite.OPTForCausalLM.from_pretrained(good, vocab_size=120)
     model, info = optlite.OPTForCausalLM.from_pretrained(good, vocab_size=120, ignore_mismatched_sizes=True,
                                                          output_loading_info=True)
-    assert info["mismatched_keys"] == [("model.decoder.embed_tokens.weight", (99, 32), (120, 32))]
+    assert info["mismatched_keys"] == {("model.decoder.embed_tokens.weight", (99, 32), (120, 32))}
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
     assert model.model.decoder.embed_tokens.weight[1].eq(0).all()  # re-initialised: the padding row is zero
 

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import OPTConfig
+from .config import OPTConfig, subfolder_file
 from .hub import describe, resolve_file
 
 logger = logging.getLogger(__name__)
@@ -105,18 +105,23 @@ def dtype_name(dtype: torch.dtype) -> str:
 class Source:
     """Where a checkpoint lives (local directory or hub repo id) and how to reach the hub."""
 
-    name_or_path: str | os.PathLike
+    name_or_path: str | os.PathLike | None  # None: the weights come as a state_dict
     revision: str | None = None
     cache_dir: str | os.PathLike | None = None
     local_files_only: bool = False
     token: str | bool | None = None
+    subfolder: str = ""  # the checkpoint sits in this folder of the directory or repo
 
     def file(self, filename: str, required: bool = True) -> Path | None:
-        return resolve_file(self.name_or_path, filename, revision=self.revision, cache_dir=self.cache_dir,
-                            local_files_only=self.local_files_only, token=self.token, required=required)
+        return resolve_file(self.name_or_path, subfolder_file(self.subfolder, filename), revision=self.revision,
+                            cache_dir=self.cache_dir, local_files_only=self.local_files_only, token=self.token,
+                            required=required)
 
     def __str__(self) -> str:
-        return describe(self.name_or_path, self.revision)
+        if self.name_or_path is None:
+            return "the state_dict passed"
+        where = describe(self.name_or_path, self.revision)
+        return f"{where}, subfolder {self.subfolder!r}" if self.subfolder else where
 
 
 @dataclass
@@ -127,6 +132,13 @@ class CheckpointFiles:
     format: str  # "safetensors" or "bin"
     shards: list[Path]
     index: Path | None = None
+    tensors: dict[str, torch.Tensor] | None = None  # format "state_dict": the tensors themselves, one shard
+
+    def open(self, i: int) -> SafetensorsShard | BinShard:
+        """Shard number `i`, open for reading."""
+        if self.tensors is not None:
+            return StateDictShard(self.tensors)
+        return open_shard(self.shards[i], self.format)
 
 
 def find_checkpoint(source: Source, with_config: bool = True) -> CheckpointFiles:
@@ -342,6 +354,18 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+class StateDictShard(BinShard):
+    """A state dict passed to `from_pretrained(state_dict=...)`, read like a .bin shard."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"state_dict must map str keys to tensors; {bad[0]!r} holds a "
+                            f"{type(tensors[bad[0]]).__name__}")
+        self.path = Path("state_dict")
+        self.state = dict(tensors)
+
+
 def open_shard(path: Path, fmt: str) -> SafetensorsShard | BinShard:
     return SafetensorsShard(path) if fmt == "safetensors" else BinShard(path)
 
@@ -370,10 +394,12 @@ class LoadReport:
     newly_initialized_keys: list[str] = field(default_factory=list)  # missing heads + re-initialised mismatches
     dropped_head_keys: list[str] = field(default_factory=list)  # heads of another class (subset of unexpected)
 
-    def as_dict(self) -> dict[str, list]:
-        return {"missing_keys": list(self.missing_keys), "unexpected_keys": list(self.unexpected_keys),
-                "mismatched_keys": list(self.mismatched_keys), "error_msgs": [],
-                "newly_initialized_keys": list(self.newly_initialized_keys)}
+    def as_dict(self) -> dict[str, set | list]:
+        """transformers' loading info: sets of keys (mismatches as (key, stored shape, model shape)), a list of
+        error messages, and our `newly_initialized_keys` set."""
+        return {"missing_keys": set(self.missing_keys), "unexpected_keys": set(self.unexpected_keys),
+                "mismatched_keys": set(self.mismatched_keys), "error_msgs": [],
+                "newly_initialized_keys": set(self.newly_initialized_keys)}
 
     def log(self, cls_name: str, source: Source, what: str) -> None:
         logger.info("loaded %s from %s (%s)", cls_name, source, what)
@@ -403,7 +429,7 @@ def scan_shards(files: CheckpointFiles) -> dict[str, tuple[TensorInfo, int]]:
     """{checkpoint key: (info, shard number)} from every shard's header (safetensors) or mmap (bin): no data read."""
     stored: dict[str, tuple[TensorInfo, int]] = {}
     for i, path in enumerate(files.shards):
-        shard = open_shard(path, files.format)
+        shard = files.open(i)
         for key, info in shard.infos().items():
             if key in stored:
                 raise CheckpointError(f"{path}: key {key!r} also appears in {files.shards[stored[key][1]].name}")
@@ -514,7 +540,7 @@ def check_no_meta(model: nn.Module, allowed: set[str]) -> None:
 def _lm_head_matches(files: CheckpointFiles, lm_head: tuple[str, int], embed: tuple[str, int] | None) -> bool:
     if embed is None:
         return False
-    shards = {i: open_shard(files.shards[i], files.format) for i in {lm_head[1], embed[1]}}
+    shards = {i: files.open(i) for i in {lm_head[1], embed[1]}}
     cpu = torch.device("cpu")
     a = shards[lm_head[1]].tensor(lm_head[0], None, cpu)
     b = shards[embed[1]].tensor(embed[0], None, cpu)
@@ -580,7 +606,7 @@ def _as_device(device: Any) -> torch.device | str:
 
 def load_pretrained(
     cls: type[nn.Module],
-    name_or_path: str | os.PathLike,
+    name_or_path: str | os.PathLike | None,
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -595,18 +621,19 @@ def load_pretrained(
     output_loading_info: bool = False,
     config: OPTConfig | None = None,
     progress: bool = True,
+    subfolder: str = "",
+    state_dict: dict[str, torch.Tensor] | None = None,
     **config_overrides: Any,
 ) -> nn.Module | tuple[nn.Module, dict]:
     """The body of `OPTPreTrainedModel.from_pretrained` (see its docstring)."""
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
-    source = Source(name_or_path, revision, cache_dir, local_files_only, token)
-    if config is None:
-        config = OPTConfig.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
-                                           local_files_only=local_files_only, token=token, **config_overrides)
-    elif config_overrides:
-        raise TypeError(f"pass config overrides ({', '.join(config_overrides)}) or config=, not both")
-    files = find_checkpoint(source, with_config=False)
+    source = Source(name_or_path, revision, cache_dir, local_files_only, token, subfolder)
+    config = _config_for_load(source, config, state_dict, config_overrides)
+    if state_dict is not None:  # the weights are given: the folder, if any, supplies only the config
+        files = CheckpointFiles(None, "state_dict", [Path("state_dict")], tensors=state_dict)
+    else:
+        files = find_checkpoint(source, with_config=False)
     stored = scan_shards(files)
     target = _target_dtype(dtype, config, stored)
     model = build_on_meta(cls, config, files, stored, source)
@@ -630,7 +657,7 @@ def load_pretrained(
     if device_map is not None:
         _dispatch(model, device_map, offload_folder, offload_index)
     model.eval()
-    generation_file = source.file(GENERATION_CONFIG_NAME, required=False)
+    generation_file = source.file(GENERATION_CONFIG_NAME, required=False) if name_or_path is not None else None
     if generation_file is not None:  # the checkpoint's decoding defaults, read by generate()
         from .generation import GenerationConfig
 
@@ -638,6 +665,25 @@ def load_pretrained(
     shards = f"{len(files.shards)} shard{'s' * (len(files.shards) > 1)}"
     plan.report.log(cls.__name__, source, f"{files.format}, {shards}, {dtype_name(target)}")
     return (model, plan.report.as_dict()) if output_loading_info else model
+
+
+def _config_for_load(source: Source, config: OPTConfig | None, state_dict: dict | None,
+                     overrides: dict[str, Any]) -> OPTConfig:
+    """The config of the model to build: `config=`, or the checkpoint's with `overrides` applied; its
+    `name_or_path` set to where the model comes from, as transformers sets it."""
+    if config is not None and overrides:
+        raise TypeError(f"pass config overrides ({', '.join(overrides)}) or config=, not both")
+    if source.name_or_path is None:
+        if config is None or state_dict is None:
+            raise ValueError("from_pretrained(None, ...) needs both config= (an OPTConfig) and state_dict= (the "
+                             "weights); pass a checkpoint directory or hub repo id otherwise")
+        return config
+    if config is None:
+        return OPTConfig.from_pretrained(source.name_or_path, revision=source.revision, cache_dir=source.cache_dir,
+                                         local_files_only=source.local_files_only, token=source.token,
+                                         subfolder=source.subfolder, **overrides)
+    config.name_or_path = str(source.name_or_path)
+    return config
 
 
 def build_on_meta(cls: type[nn.Module], config: OPTConfig, files: CheckpointFiles,
@@ -702,7 +748,7 @@ def _load_tensors(model: nn.Module, files: CheckpointFiles, plan: LoadPlan, stor
     workers = 1 if any(device_of(k) == "disk" for k in plan.assign) else min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i in progress_bar(range(len(files.shards)), progress, len(files.shards)):
-            shard = open_shard(files.shards[i], files.format)
+            shard = files.open(i)
 
             def read(item: tuple[str, str], shard: SafetensorsShard | BinShard = shard) -> tuple[str, Any, dict]:
                 mkey, skey = item

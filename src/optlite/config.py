@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .activations import ACTIVATIONS
 
@@ -18,7 +18,8 @@ class OPTConfig:
     """Configuration of an OPT model; field names and defaults are transformers' `OPTConfig`'s.
 
     The defaults describe facebook/opt-125m. Keys of a config.json this class does not know are kept in
-    `extra` and written back by `to_dict`, so a hub config survives a load/save round trip.
+    `extra` and written back by `to_dict`, so a hub config survives a load/save round trip. `num_labels`,
+    `id2label` and `label2id` stay consistent whichever is set, also after construction, as in transformers.
 
     Example:
         >>> cfg = OPTConfig.from_preset("opt-350m")
@@ -55,7 +56,17 @@ class OPTConfig:
     label2id: dict[str, int] | None = None
     problem_type: str | None = None
     torch_dtype: str | None = None  # the dtype the weights were saved in ("float16", ...)
+    # The model-level output switches that transformers' configs carry; forward's own arguments override them.
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    return_dict: bool = True
+    architectures: list[str] | None = None  # written by save_pretrained: the class that saved the checkpoint
+    # Where from_pretrained read it (a hub id or a folder); written as "_name_or_path", as transformers does.
+    name_or_path: str = field(default="", repr=False, compare=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    model_type: ClassVar[str] = "opt"
+    is_encoder_decoder: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.word_embed_proj_dim is None:
@@ -70,7 +81,33 @@ class OPTConfig:
             self.label2id = {v: k for k, v in self.id2label.items()}
         if self.torch_dtype is not None:
             self.torch_dtype = str(self.torch_dtype).removeprefix("torch.")
+        self.name_or_path = str(self.name_or_path)
         self.validate()
+        object.__setattr__(self, "_ready", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if not self.__dict__.get("_ready"):
+            return
+        # transformers derives num_labels from id2label; mirror it so `config.num_labels = 3` resizes the label maps
+        # (else a save and reload would build a 2-row score head for a 3-label checkpoint).
+        if name == "num_labels" and len(self.id2label) != value:
+            self.id2label = {i: f"LABEL_{i}" for i in range(value)}
+        elif name == "id2label":
+            labels = {int(k): v for k, v in (value or {}).items()}
+            object.__setattr__(self, "id2label", labels)
+            object.__setattr__(self, "num_labels", len(labels))
+            if set(self.label2id or {}) != set(labels.values()):
+                object.__setattr__(self, "label2id", {v: k for k, v in labels.items()})
+
+    @property
+    def use_return_dict(self) -> bool:
+        """transformers' older name for `return_dict`, still read by some tools."""
+        return self.return_dict
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> OPTConfig:
+        """The config of the text model: OPT is text only, so this config itself (as in transformers)."""
+        return self
 
     @property
     def head_dim(self) -> int:
@@ -118,6 +155,8 @@ class OPTConfig:
             raise ValueError(f"config has model_type {model_type!r}; optlite loads OPT models (model_type 'opt')")
         if "dtype" in data:  # transformers 5 writes "dtype", earlier versions "torch_dtype"
             data.setdefault("torch_dtype", data.pop("dtype"))
+        if "_name_or_path" in data:
+            data.setdefault("name_or_path", data.pop("_name_or_path"))
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
@@ -127,12 +166,17 @@ class OPTConfig:
         """The config.json dict: transformers' field names plus any unknown keys read earlier."""
         out: dict[str, Any] = {**self.extra, "model_type": "opt"}
         for f in dataclasses.fields(self):
-            if f.name not in ("extra", "num_labels"):  # num_labels is implied by id2label, as in transformers
+            if f.name not in ("extra", "num_labels", "name_or_path"):  # num_labels is implied by id2label
                 out[f.name] = getattr(self, f.name)
+        if out["architectures"] is None:
+            del out["architectures"]
+        if self.name_or_path:
+            out["_name_or_path"] = self.name_or_path
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         return out
 
     def to_json_string(self) -> str:
+        """config.json's text: `to_dict()` as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -159,8 +203,9 @@ class OPTConfig:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                        token: str | bool | None = None, **overrides: Any) -> OPTConfig:
-        """Read config.json from a local directory or a hub repo; `overrides` replace its values.
+                        token: str | bool | None = None, subfolder: str = "", **overrides: Any) -> OPTConfig:
+        """Read config.json from a local directory or a hub repo (in its `subfolder`, if given); `overrides` replace
+        its values. The result's `name_or_path` is `name_or_path`.
 
         Preset names are not checkpoints: "opt-125m" here means a directory or a hub repo of that name, never the
         preset (use `from_preset` for that), so a typo never silently yields a config without weights.
@@ -176,8 +221,8 @@ class OPTConfig:
         if unknown:
             raise TypeError(f"unknown OPTConfig field(s) {', '.join(map(repr, unknown))} passed as config overrides")
         try:
-            path = resolve_file(name_or_path, "config.json", revision=revision, cache_dir=cache_dir,
-                                local_files_only=local_files_only, token=token)
+            path = resolve_file(name_or_path, subfolder_file(subfolder, "config.json"), revision=revision,
+                                cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         except FileNotFoundError as e:
             short = str(name_or_path).removeprefix("facebook/")
             if str(name_or_path) == short and short in cls.preset_names():
@@ -185,7 +230,9 @@ class OPTConfig:
                                         f"weights load 'facebook/{short}'; for a random model use "
                                         f"OPTForCausalLM(OPTConfig.from_preset({short!r}))") from e
             raise
-        return cls.from_json_file(path, **overrides)
+        config = cls.from_json_file(path, **overrides)
+        config.name_or_path = str(name_or_path)
+        return config
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write config.json into `save_directory` (created if needed), replacing any previous one atomically."""
@@ -213,3 +260,13 @@ class OPTConfig:
         if not preset.is_file():
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(cls.preset_names())}")
         return cls.from_dict(json.loads(preset.read_text(encoding="utf-8")), **overrides)
+
+
+def subfolder_file(subfolder: str | None, filename: str) -> str:
+    """`filename` inside `subfolder` of a checkpoint ("" or None: at its top), as a path relative to its root."""
+    if not subfolder:
+        return filename
+    parts = Path(subfolder).parts
+    if Path(subfolder).is_absolute() or ".." in parts:
+        raise ValueError(f"subfolder must be a relative path inside the checkpoint, got {subfolder!r}")
+    return "/".join([*parts, filename])

@@ -123,6 +123,18 @@ class GenerationConfig:
         out.update({k: getattr(self, k) for k in self.field_names() if getattr(self, k) is not None})
         return out
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The settings that differ from the defaults: those set (transformers' pipelines read this)."""
+        return self.to_dict()
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the given fields (as transformers' `GenerationConfig.update`); returns the keywords it does not know."""
+        names = set(self.field_names())
+        for key, value in kwargs.items():
+            if key in names:
+                setattr(self, key, value)
+        return {k: v for k, v in kwargs.items() if k not in names}
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `generation_config.json` into `directory` and return its path."""
         directory = Path(directory)

@@ -34,6 +34,8 @@ class OPTForCausalLM(OPTPreTrainedModel):
         (torch.Size([1, 4, 50272]), 0)
     """
 
+    _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
     def __init__(self, config: OPTConfig):
         super().__init__(config)
         self.model = OPTModel(config)
@@ -45,6 +47,48 @@ class OPTForCausalLM(OPTPreTrainedModel):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, next_sequence_length: int | None = None,
+                                      past_key_values: Any = None, attention_mask: torch.Tensor | None = None,
+                                      inputs_embeds: torch.Tensor | None = None, is_first_iteration: bool = False,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """The keyword arguments of one forward call in a decoding loop, with transformers' semantics: the last
+        `next_sequence_length` ids (all when None), or `inputs_embeds` on the first step; `position_ids` cut to
+        the same length; the full attention mask; other keywords passed through (`labels` dropped).
+
+        Example:
+            >>> import torch
+            >>> from optlite import OPTConfig, OPTForCausalLM
+            >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny"))
+            >>> step = model.prepare_inputs_for_generation(torch.tensor([[2, 5, 6]]), next_sequence_length=1,
+            ...                                            use_cache=True)
+            >>> step["input_ids"].tolist(), step["use_cache"]
+            ([[6]], True)
+        """
+        inputs: dict[str, Any] = {}
+        if inputs_embeds is not None and is_first_iteration:
+            embeds = inputs_embeds[:, -next_sequence_length:] if next_sequence_length is not None else inputs_embeds
+            inputs["input_ids"] = None
+            inputs["inputs_embeds"] = embeds.clone(memory_format=torch.contiguous_format)
+        else:
+            ids = input_ids[:, -next_sequence_length:] if next_sequence_length is not None else input_ids
+            inputs["input_ids"] = ids.clone(memory_format=torch.contiguous_format)  # a contiguous step, as theirs
+        length = (inputs["input_ids"] if inputs["input_ids"] is not None else inputs["inputs_embeds"]).shape[1]
+        if past_key_values is not None:
+            inputs["past_key_values"] = past_key_values
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[..., -length:].clone(memory_format=torch.contiguous_format)
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        for key, value in kwargs.items():
+            if key not in ("labels", "next_sequence_length") and key not in inputs:
+                inputs[key] = value
+        return inputs
 
     def forward(
         self,

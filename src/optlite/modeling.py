@@ -183,25 +183,76 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTPreTrainedModel(nn.Module):
-    """What every OPT class shares: weight init, embeddings access, gradient checkpointing, loading and saving."""
+    """What every OPT class shares: weight init, embeddings access, gradient checkpointing, loading and saving,
+    and the attributes and methods of transformers' `PreTrainedModel` that PEFT, Trainer, TRL, lm-eval, pipelines
+    and accelerate use (`base_model`, `can_generate`, `generation_config`, `enable_input_require_grads`, ...).
+
+    Example:
+        >>> from optlite import OPTConfig, OPTForCausalLM
+        >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny"))
+        >>> model.can_generate(), model.base_model is model.model, model.generation_config.eos_token_id
+        (True, True, 2)
+    """
 
     config_class = OPTConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
     _no_split_modules = ["OPTDecoderLayer"]  # accelerate's device_map never splits a layer
+    _tied_weights_keys: dict[str, str] | None = None  # {tied key: the key it shares its tensor with}
+    _keys_to_ignore_on_save: list[str] | None = None  # none: every state_dict key is saved, as in transformers
 
     def __init__(self, config: OPTConfig):
         super().__init__()
         if not isinstance(config, OPTConfig):
             raise TypeError(f"{type(self).__name__} needs an OPTConfig, got {type(config).__name__}")
         self.config = config
+        self.name_or_path = config.name_or_path
+        self.model_tags: list[str] | None = None
+        self.generation_config = None
+        if self.can_generate():
+            from .generation import GenerationConfig
+
+            self.generation_config = GenerationConfig.from_model_config(config)
+        self.register_state_dict_post_hook(_untie_saved_keys)
+        self.register_load_state_dict_pre_hook(_fill_tied_keys)
 
     @property
     def decoder_stack(self) -> OPTDecoder:
         return self.decoder if isinstance(self, OPTModel) else self.model.decoder
 
     @property
+    def base_model(self) -> nn.Module:
+        """The bare OPTModel inside a head class (the model itself for OPTModel), as in transformers."""
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_decoder(self) -> OPTDecoder:
+        return self.decoder_stack
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether `generate()` exists: True for OPTForCausalLM only."""
+        return False
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Remember tags for a model card (TRL adds its own); existing tags are kept, none is repeated."""
+        self.model_tags = self.model_tags or []
+        for tag in [tags] if isinstance(tags, str) else tags:
+            if tag not in self.model_tags:
+                self.model_tags.append(tag)
+
+    @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where inputs go: the first weight's device, or, when accelerate offloaded it (meta), the device its hooks
+        run the layers on, so generate() never puts inputs or a cache on meta."""
+        first = next(self.parameters())
+        if not first.is_meta:
+            return first.device
+        for module in self.modules():
+            device = _execution_device(getattr(module, "_hf_hook", None))
+            if device is not None:
+                return device
+        return first.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -237,6 +288,18 @@ class OPTPreTrainedModel(nn.Module):
 
     def get_output_embeddings(self) -> nn.Linear | None:
         return None
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad, so gradients reach adapters (LoRA on a frozen model)
+        through gradient checkpointing. Undone by `disable_input_require_grads`."""
+        self.disable_input_require_grads()
+        hook = lambda module, args, output: output.requires_grad_(True)  # noqa: E731
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
+
+    def disable_input_require_grads(self) -> None:
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
 
     def tie_weights(self) -> None:
         """Share the input embedding matrix with the LM head when the config ties them (all OPT checkpoints do)."""
@@ -286,24 +349,47 @@ class OPTPreTrainedModel(nn.Module):
 
     # ---- gradient checkpointing ----
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Recompute each decoder layer in the backward pass instead of storing its activations."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute each decoder layer in the backward pass instead of storing its activations.
+        `gradient_checkpointing_kwargs` go to `torch.utils.checkpoint.checkpoint` (default `use_reentrant=False`);
+        the other two are transformers 5's arguments, accepted at their defaults (every layer, no offload).
+
+        Example:
+            >>> from optlite import OPTConfig, OPTForCausalLM
+            >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny"))
+            >>> model.gradient_checkpointing_enable({"use_reentrant": False})
+            >>> model.is_gradient_checkpointing
+            True
+        """
+        if every_n_layers != 1 or offload:
+            raise NotImplementedError(f"gradient checkpointing checkpoints every layer, on the layers' device; got "
+                                      f"every_n_layers={every_n_layers!r}, offload={offload!r} (use 1 and False)")
         self.decoder_stack.gradient_checkpointing = True
         self.decoder_stack.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers 5's name for `gradient_checkpointing_enable` (what Trainer calls)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
         self.decoder_stack.gradient_checkpointing = False
 
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.decoder_stack.gradient_checkpointing
+
+    is_activation_checkpointing = is_gradient_checkpointing
 
     # ---- loading and saving (the work is in checkpoint.py and saving.py) ----
 
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
+        name_or_path: str | os.PathLike | None,
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -319,6 +405,8 @@ class OPTPreTrainedModel(nn.Module):
         output_loading_info: bool = False,
         config: OPTConfig | None = None,
         progress: bool = True,
+        subfolder: str = "",
+        state_dict: dict[str, torch.Tensor] | None = None,
         **config_overrides: Any,
     ) -> Any:
         """Load a checkpoint from a local directory or a hub repo id (safetensors preferred, else `.bin` through
@@ -329,8 +417,11 @@ class OPTPreTrainedModel(nn.Module):
         (`torch_dtype` is an alias). `device`: "cpu", "cuda", "cuda:1", "mps"… `device_map`: "auto", "balanced",
         "sequential" or a {module: device | "disk"} dict, with `max_memory` and `offload_folder` (accelerate).
         Other keyword arguments override config values (`num_labels=3`, `dropout=0.0`). A head missing from the
-        checkpoint is initialised and reported; `output_loading_info=True` returns `(model, info)`. Preset names
-        ("opt-125m") are not checkpoints: use `Class(OPTConfig.from_preset(name))` for a random model.
+        checkpoint is initialised and reported; `output_loading_info=True` returns `(model, info)` with
+        transformers' sets of missing / unexpected / mismatched keys. `subfolder`: the checkpoint sits in that
+        folder of the directory or repo. `state_dict`: weights to use instead of the checkpoint's files; with
+        `name_or_path=None` and `config=` no files are read at all. Preset names ("opt-125m") are not
+        checkpoints: use `Class(OPTConfig.from_preset(name))` for a random model.
 
         Example:
             >>> from optlite import OPTForCausalLM
@@ -348,7 +439,7 @@ class OPTPreTrainedModel(nn.Module):
                                max_memory=max_memory, offload_folder=offload_folder,
                                ignore_mismatched_sizes=ignore_mismatched_sizes,
                                output_loading_info=output_loading_info, config=config, progress=progress,
-                               **config_overrides)
+                               subfolder=subfolder, state_dict=state_dict, **config_overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> None:
@@ -363,6 +454,40 @@ class OPTPreTrainedModel(nn.Module):
         from .saving import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+
+
+def _execution_device(hook: Any) -> torch.device | None:
+    """The device an accelerate hook (or any hook of a SequentialHook) runs its module on, if it names one."""
+    for h in getattr(hook, "hooks", [hook]):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
+
+
+def _untie_saved_keys(model: OPTPreTrainedModel, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """state_dict() has transformers' keys, the tied lm_head.weight as a copy: tools that save a plain module's
+    state dict with safetensors (Trainer, for any model not a transformers class) refuse two keys on one tensor.
+    With keep_vars=True the parameters themselves are returned, the tied one included."""
+    for key, source in (model._tied_weights_keys or {}).items():
+        value = state.get(prefix + key)
+        if value is not None and not isinstance(value, nn.Parameter) and _is_tied(model, key, source):
+            state[prefix + key] = value.clone()
+
+
+def _fill_tied_keys(model: OPTPreTrainedModel, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict() of a state dict without the tied weight fills it from the weight it is tied to."""
+    if model.config.tie_word_embeddings:
+        for key, source in (model._tied_weights_keys or {}).items():
+            if prefix + key not in state and prefix + source in state:
+                state[prefix + key] = state[prefix + source]
+
+
+def _is_tied(model: nn.Module, key: str, source: str) -> bool:
+    try:
+        return model.get_parameter(key) is model.get_parameter(source)
+    except AttributeError:  # a head replaced by something without that weight
+        return False
 
 
 def _resized_rows(old: nn.Embedding | nn.Linear, n: int) -> nn.Embedding:

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,9 @@ class OPTTokenizer:
     As in transformers, each call sets its padding/truncation on the shared Rust tokenizer: don't
     call one instance from several threads with different padding options at once.
     """
+
+    model_input_names = ["input_ids", "attention_mask"]  # what pad() fills in and data collators read
+    is_fast = True  # a Rust `tokenizers` backend, as transformers' fast tokenizers
 
     def __init__(
         self,
@@ -509,6 +512,62 @@ class OPTTokenizer:
             f"bos/eos={self.bos_token!r}, pad={self.pad_token!r}, padding_side={self.padding_side!r})"
         )
 
+    # ------------------------------------------------------------------ padding encoded inputs
+
+    def pad(
+        self,
+        encoded_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        padding: bool | str = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | None = None,
+        verbose: bool = True,
+    ) -> BatchEncoding:
+        """Pad already-encoded inputs, as transformers' `tokenizer.pad` (what its data collators call): a list of
+        examples (`[{"input_ids": [...], ...}, ...]`) or one dict of lists. `input_ids` get the pad id, an
+        `attention_mask` (made if absent) 0, `token_type_ids` 0 and `special_tokens_mask` 1; other keys are kept.
+
+        Example:
+            >>> batch = tok.pad([{"input_ids": [2, 100]}, {"input_ids": [2]}], return_tensors="pt")  # doctest: +SKIP
+            >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist()  # doctest: +SKIP
+            ([[2, 100], [2, 1]], [[1, 1], [1, 0]])
+        """
+        strategy = _PADDING.get(getattr(padding, "value", padding), "unknown")
+        if strategy == "unknown":
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        if strategy == "max_length":
+            max_length = max_length if max_length is not None else self.model_max_length
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length= (the tokenizer has no model_max_length)")
+        columns, single = _as_columns(encoded_inputs)
+        if self.pad_token_id is None and strategy is not None:
+            raise ValueError("pad() needs a pad token: set tokenizer.pad_token (OPT's is '<pad>')")
+        if return_attention_mask is not False and "attention_mask" not in columns:
+            columns["attention_mask"] = [[1] * len(row) for row in columns["input_ids"]]
+        if strategy is not None and columns["input_ids"]:
+            target = max(len(row) for row in columns["input_ids"]) if strategy == "longest" else max_length
+            if pad_to_multiple_of:
+                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+            _pad_columns(columns, target, side, self.pad_token_id)
+        if single:
+            columns = {key: values[0] for key, values in columns.items()}
+        return BatchEncoding(_as_tensors(columns, return_tensors, single))
+
+    def get_special_tokens_mask(self, token_ids_0: list[int], token_ids_1: list[int] | None = None,
+                                already_has_special_tokens: bool = False) -> list[int]:
+        """1 for a special token, 0 for a text token, as transformers' method (data collators call it)."""
+        if already_has_special_tokens:
+            special = set(self.all_special_ids)
+            return [int(i in special) for i in token_ids_0]
+        bos = [1] if self.add_bos_token else []
+        mask = bos + [0] * len(token_ids_0)
+        return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1)
+
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> list[Path]:
@@ -671,3 +730,54 @@ def _to_tensor(rows: list[list[int]], key: str) -> torch.Tensor:
         return torch.from_numpy(np.array(rows, dtype=np.int64))
     except ImportError:
         return torch.tensor(rows, dtype=torch.long)
+
+
+_PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}  # input_ids: the pad id
+
+
+def _as_columns(encoded: Any) -> tuple[dict[str, list], bool]:
+    """{key: one value per example} from a list of example dicts or a dict; True when it held one example."""
+    if isinstance(encoded, Sequence) and not isinstance(encoded, str) and encoded and isinstance(encoded[0], Mapping):
+        encoded = {key: [example[key] for example in encoded] for key in encoded[0]}
+    if not isinstance(encoded, Mapping) or "input_ids" not in encoded:
+        got = list(encoded) if isinstance(encoded, Mapping) else type(encoded).__name__
+        raise ValueError(f"pad() needs an encoding (a dict) or a list of encodings holding 'input_ids', got {got}")
+    ids = _id_list(encoded["input_ids"])
+    single = bool(ids) and not isinstance(_id_list(ids[0]), list)
+    columns = {}
+    for key, values in encoded.items():
+        values = _id_list(values)
+        columns[key] = [values] if single else [_id_list(v) for v in values]
+    return columns, single
+
+
+def _pad_columns(columns: dict[str, list], target: int, side: str, pad_id: int) -> None:
+    """Pad, in place, every row of input_ids and of the keys that follow it to `target` tokens (longer rows stay)."""
+    lengths = [len(row) for row in columns["input_ids"]]
+    for key, value in [("input_ids", pad_id), *_PAD_VALUES.items()]:
+        if key not in columns:
+            continue
+        rows = columns[key]
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            if len(row) != n:
+                raise ValueError(f"pad(): example {i} has {n} input_ids but {len(row)} {key}")
+            fill = [value] * max(0, target - n)
+            rows[i] = fill + list(row) if side == "left" else list(row) + fill
+
+
+def _as_tensors(columns: dict[str, Any], return_tensors: str | None, single: bool) -> dict[str, Any]:
+    if return_tensors is None:
+        return columns
+    if return_tensors != "pt":
+        raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+    out = {}
+    for key, values in columns.items():
+        if key == "input_ids" or key in _PAD_VALUES:
+            out[key] = _to_tensor([values] if single else values, key)[0 if single else slice(None)]
+        else:
+            try:
+                out[key] = torch.tensor(values)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"pad(): cannot make a tensor of {key!r} ({e}); only input_ids, attention_mask, "
+                                 "token_type_ids and special_tokens_mask are padded") from None
+    return out
