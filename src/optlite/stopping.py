@@ -41,11 +41,10 @@ def max_time_criterion(max_time: float, start: float | None = None) -> StoppingC
 
 
 def ends_with_stop_string(pieces: Sequence[str], stop: str) -> bool:
-    """Does the stop string end inside the last piece, with the pieces before it spelling the rest of it?
+    """Does the stop string occur in the text of `pieces` (token strings) and end inside the last piece?
 
-    This is transformers' StopStringCriteria rule: the last token must start with a suffix of the stop string
-    (it may run on past it), and the text before it must end with the remaining prefix; so a stop string that
-    lies wholly before the last token does not count again.
+    This is transformers' StopStringCriteria rule: the stop string may begin in earlier tokens and the last token
+    may run on past it, but a stop string that lies wholly before the last token does not count again.
 
     Example:
         >>> ends_with_stop_string(["las", "topper"], "stop"), ends_with_stop_string(["stop", "at"], "stop")
@@ -53,11 +52,8 @@ def ends_with_stop_string(pieces: Sequence[str], stop: str) -> bool:
     """
     if not pieces:
         return False
-    last, before = pieces[-1], "".join(pieces[:-1])
-    for overlap in range(1, min(len(stop), len(last)) + 1):
-        if last.startswith(stop[-overlap:]) and before.endswith(stop[:-overlap]):
-            return True
-    return False
+    before = sum(len(p) for p in pieces[:-1])
+    return stop in "".join(pieces)[max(0, before - len(stop) + 1):]
 
 
 def stop_string_criterion(stop_strings: str | Sequence[str], tokenizer: Any) -> StoppingCriterion:
@@ -77,7 +73,7 @@ def stop_string_criterion(stop_strings: str | Sequence[str], tokenizer: Any) -> 
             for token in reversed(row):  # only as many tokens as the stop string can span
                 pieces.insert(0, text(token))
                 length += len(pieces[0])
-                if length >= len(stop) + len(pieces[-1]):
+                if length - len(pieces[-1]) >= len(stop) - 1:
                     break
             if ends_with_stop_string(pieces, stop):
                 return True
