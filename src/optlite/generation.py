@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import search as _search
+from .assisted import Drafter, assisted_decode
 from .logits_processors import (
     LogitsProcessor,
     apply_temperature,
@@ -63,7 +64,8 @@ DEFAULTS: dict[str, Any] = dict(
     no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=False, num_return_sequences=1, use_cache=True,
     output_scores=False, output_logits=False, return_dict_in_generate=False, typical_p=1.0, epsilon_cutoff=0.0,
     eta_cutoff=0.0, remove_invalid_values=False, renormalize_logits=False, output_attentions=False,
-    output_hidden_states=False,
+    output_hidden_states=False, num_assistant_tokens=20, num_assistant_tokens_schedule="constant",
+    assistant_confidence_threshold=0.4,
 )
 OFF: dict[str, Any] = {**DEFAULTS, "top_k": 0}  # what a setting passed as None means
 DEFAULT_MAX_NEW_TOKENS = 20  # with neither max_length nor max_new_tokens set anywhere, as transformers
@@ -129,6 +131,12 @@ class GenerationConfig:
     # stopping
     stop_strings: str | list[str] | None = None
     max_time: float | None = None
+    # assisted decoding
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int | None = None
+    num_assistant_tokens_schedule: str | None = None
+    assistant_confidence_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -188,7 +196,7 @@ def _read(source: Any, name: str) -> Any:
 
 
 CALL_ARGUMENTS = ("generation_config", "generator", "streamer", "logits_processor", "stopping_criteria", "tokenizer",
-                  "inputs_embeds", "past_key_values", "logits_to_keep", "compile")
+                  "inputs_embeds", "past_key_values", "logits_to_keep", "assistant_model", "compile")
 
 # transformers 5 moved these strategies to Hub repositories ("custom_generate"); the setting that selects each one.
 MOVED = {"penalty_alpha": "contrastive search", "dola_layers": "DoLa decoding", "num_beam_groups": "group beam search",
@@ -540,6 +548,33 @@ def _check_call(cfg: GenerationConfig, prompt: Prompt, streamer: Any, compile: b
         raise ValueError(f"logits_to_keep must be an integer >= 0 or a tensor of positions, got {logits_to_keep!r}")
 
 
+def _drafter(model: Any, cfg: GenerationConfig, prompt: Prompt, assistant: Any) -> Drafter | None:
+    """The drafter assisted decoding asks for (None: plain decoding), after checking it can work."""
+    lookup = cfg.prompt_lookup_num_tokens
+    if assistant is None and lookup is None:
+        return None
+    if assistant is not None and lookup is not None:
+        raise ValueError("pass either assistant_model or prompt_lookup_num_tokens, not both")
+    if lookup is not None and not (_is_int(lookup) and lookup >= 1):
+        raise ValueError(f"prompt_lookup_num_tokens must be an integer >= 1, got {lookup!r}")
+    if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
+        raise ValueError("assisted decoding works with greedy decoding and sampling and one sequence per prompt; "
+                         f"got num_beams={cfg.num_beams}, num_return_sequences={cfg.num_return_sequences}")
+    if prompt.ids.shape[0] != 1 or prompt.embeds is not None:
+        raise ValueError("assisted decoding takes one prompt of input_ids at a time (as in transformers); got "
+                         f"{'inputs_embeds' if prompt.embeds is not None else f'a batch of {prompt.ids.shape[0]}'}")
+    if assistant is not None:
+        ours, theirs = (getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, assistant))
+        if ours != theirs:
+            raise ValueError(f"assistant_model has a vocabulary of {theirs} tokens but the model has {ours}: the "
+                             "assistant must share the model's tokenizer")
+    if cfg.num_assistant_tokens_schedule not in ("constant", "heuristic", "heuristic_transient"):
+        raise ValueError("num_assistant_tokens_schedule must be 'constant' or 'heuristic', got "
+                         f"{cfg.num_assistant_tokens_schedule!r}")
+    return Drafter(assistant, lookup, cfg.max_matching_ngram_size or 2, lookup or cfg.num_assistant_tokens,
+                   cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold)
+
+
 def _decode_state(model: Any, cfg: GenerationConfig, prompt: Prompt, max_len: int, compile: bool | dict
                   ) -> tuple[_search.DecodeState, torch.Tensor | None]:
     """Expand the prompt for beams / returned sequences and build what the loops carry: the mask and position of
@@ -575,7 +610,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
              streamer: Any = None, logits_processor: Sequence[LogitsProcessor] | None = None,
              stopping_criteria: Sequence[StoppingCriterion] | None = None, tokenizer: Any = None,
              inputs_embeds: torch.Tensor | None = None, past_key_values: Any = None, logits_to_keep: Any = None,
-             compile: bool | dict = False,
+             assistant_model: Any = None, compile: bool | dict = False,
              **kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
     """Continue each prompt with greedy decoding, sampling or beam search, as transformers' `generate` does.
 
@@ -622,6 +657,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
                               prompt.context - prompt.ids.shape[1])
     validate_processor_settings(cfg, getattr(model_config, "vocab_size", None))
     _check_call(cfg, prompt, streamer, compile, logits_to_keep)
+    drafter = _drafter(model, cfg, prompt, assistant_model)
     criteria = stopping_criteria_for(cfg, tokenizer, stopping_criteria)
 
     state, embeds = _decode_state(model, cfg, prompt, max_len, compile)
@@ -633,6 +669,8 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
     if streamer is not None:
         streamer.put(state.ids.cpu())
     search = _search.Search(cfg, max_len, processors, criteria, eos, pad, generator, streamer)
+    if drafter is not None:
+        return assisted_decode(state, search, drafter)
     return (_search.beam_search if cfg.num_beams > 1 else _search.sample)(state, search, embeds)
 
 
