@@ -117,6 +117,7 @@ def test_prompt_lookup_and_cache_crop():
     (dict(prompt_lookup_num_tokens=2, assistant_model="draft"), "not both"),
     (dict(assistant_model="other_vocab"), "vocabulary of 120 tokens but the model has 99"),
     (dict(assistant_model="draft", batch=True), "one prompt"),
+    (dict(prompt_lookup_num_tokens=3, use_cache=False), "use_cache=True"),
 ])
 def test_assisted_bad_input_is_refused_before_any_compute(kw, match):
     _, target, draft = models()

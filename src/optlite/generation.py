@@ -560,6 +560,8 @@ def _drafter(model: Any, cfg: GenerationConfig, prompt: Prompt, assistant: Any) 
     if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
         raise ValueError("assisted decoding works with greedy decoding and sampling and one sequence per prompt; "
                          f"got num_beams={cfg.num_beams}, num_return_sequences={cfg.num_return_sequences}")
+    if not cfg.use_cache:
+        raise ValueError("assisted decoding needs use_cache=True: the model checks each draft against its cache")
     if prompt.ids.shape[0] != 1 or prompt.embeds is not None:
         raise ValueError("assisted decoding takes one prompt of input_ids at a time (as in transformers); got "
                          f"{'inputs_embeds' if prompt.embeds is not None else f'a batch of {prompt.ids.shape[0]}'}")
