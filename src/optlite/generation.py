@@ -3,7 +3,8 @@
 Read top to bottom: `GenerationConfig` (what the defaults are and where they come from), `resolve_config` and
 `validate_config`, then `generate` — inputs checked, the decode state built, the search run — and `generate_text`,
 the string-in, string-out helper. The processors live in `logits_processors.py`, the stopping criteria in
-`stopping.py`, the loops in `search.py`, assisted decoding in `assisted.py`. Tokens match transformers' `generate` exactly (tests/test_generation*.py).
+`stopping.py`, the loops in `search.py`, assisted decoding in `assisted.py`. Tokens match transformers' `generate`
+exactly (tests/test_generation*.py).
 
 Shapes: B batch (rows after expanding for beams / returned sequences), T tokens so far, V vocabulary, K beams.
 """
