@@ -415,7 +415,7 @@ def test_missing_mask_is_inferred_from_padding_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours.generate(ids[:1], max_new_tokens=2)  # nothing padded: no warning
-    with pytest.warns(UserWarning, match="right padding"):
+    with pytest.warns(UserWarning, match="right-padding was detected"):
         ours.generate(torch.tensor([[5, 6, 7], [5, 1, 1]]), attention_mask=torch.tensor([[1, 1, 1], [1, 0, 0]]),
                       max_new_tokens=2)
 

