@@ -128,7 +128,9 @@ class GenerationConfig:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         file = directory / CONFIG_FILE
-        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        from .saving import atomic_write
+
+        atomic_write(file, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return file
 
 

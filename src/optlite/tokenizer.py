@@ -547,25 +547,18 @@ class OPTTokenizer:
                 for i, t in sorted(self._backend.get_added_tokens_decoder().items())
             },
         }
-        scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target))  # write everything, then rename
-        try:
-            self._backend.save(str(scratch / "tokenizer.json"))
-            self._backend.model.save(str(scratch))  # vocab.json + merges.txt
-            _write_json(scratch / "tokenizer_config.json", config)
-            _write_json(scratch / "special_tokens_map.json", named)
-            written = []
-            for name in (
-                "tokenizer.json",
-                "vocab.json",
-                "merges.txt",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-            ):
-                os.replace(scratch / name, target / name)
-                written.append(target / name)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return written
+        from .saving import atomic_write  # each file replaced whole: a failed save leaves the old one
+
+        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=target) as scratch:
+            self._backend.model.save(scratch)  # vocab.json + merges.txt
+            files: dict[str, Any] = {
+                "tokenizer.json": lambda p: self._backend.save(str(p)),
+                "vocab.json": lambda p: shutil.copyfile(Path(scratch, "vocab.json"), p),
+                "merges.txt": lambda p: shutil.copyfile(Path(scratch, "merges.txt"), p),
+                "tokenizer_config.json": _json_text(config),
+                "special_tokens_map.json": _json_text(named),
+            }
+            return [atomic_write(target / name, content) for name, content in files.items()]
 
     def _token_entry(self, content: str, token: AddedToken | None = None) -> dict[str, Any]:
         token = (
@@ -621,8 +614,8 @@ def _read_json(path: Path | None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def _check_texts(text: Any, name: str) -> list[str]:
