@@ -206,3 +206,19 @@ def test_linear_equals_f_linear_for_every_number_of_rows(lead, bias, dims):
     for ours, theirs in zip(torch.autograd.grad(y, params, grad_out), torch.autograd.grad(ref, params, grad_out),
                             strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_outside_the_vocabulary_are_named_before_the_loss():
+    _, ours = make_pair("OPTForCausalLM", "pre_ln")
+    ids, _ = batch("none")
+    labels = ids.clone()
+    labels[1, 4] = ours.config.vocab_size
+    with pytest.raises(ValueError, match=rf"labels must be token ids in \[0, vocab_size={ours.config.vocab_size}\) "
+                                         rf"or -100 \(ignored\); got {ours.config.vocab_size} at index \(1, 4\)"):
+        ours(ids, labels=labels)
+    labels[1, 4] = -5
+    with pytest.raises(ValueError, match="got -5 at index"):
+        ours(ids, labels=labels)
+    _, clf = make_pair("OPTForSequenceClassification", "pre_ln")
+    with pytest.raises(ValueError, match=rf"class ids in \[0, num_labels={clf.config.num_labels}\)"):
+        clf(ids, labels=torch.full((ids.shape[0],), clf.config.num_labels))
