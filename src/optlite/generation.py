@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .cache import Cache, DynamicCache, StaticCache
 from .outputs import ModelOutput
+from .streaming import ends_stream_on_error
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """Maps (input_ids (B, T), scores (B, V)) to new scores, like a transformers LogitsProcessor."""
@@ -550,6 +551,7 @@ def _prepare_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     return attention_mask
 
 
+@ends_stream_on_error  # a streamer's reader gets the error, not a wait for text that never comes
 @torch.no_grad()
 def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
              generation_config: GenerationConfig | dict | None = None, generator: torch.Generator | None = None,
