@@ -230,9 +230,12 @@ def _alive(pid: int) -> bool:
 
 def commit_stage(stage: Path, target: Path, keep_other_files: bool = True) -> None:
     """Swap the finished `stage` in as `target` (the old `target`, if any, is left at `stage`'s path)."""
-    for path in [*stage.rglob("*"), stage]:
-        if not path.is_symlink():
-            _fsync(path)  # everything on disk before the rename makes it visible (files written by others too)
+    for path in [*stage.rglob("*"), stage]:  # everything on disk before the rename makes it visible
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):  # folders cannot be opened for fsync on every platform
+                _fsync(path)
+        elif path.is_file() and not path.is_symlink():
+            _fsync(path)  # files written by others too (accelerate's, in training checkpoints)
     if not target.exists():
         os.rename(stage, target)
         return

@@ -8,6 +8,7 @@ never waits for text that will not come and a reused streamer starts clean.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from queue import Queue
@@ -45,13 +46,18 @@ def ends_stream_on_error(generate: _Fn) -> _Fn:
         try:
             return generate(*args, **kwargs)
         except BaseException as error:
-            streamer = kwargs.get("streamer")
-            if streamer is not None:
-                fail = getattr(streamer, "fail", None)
-                fail(error) if fail is not None else streamer.end()
+            _notify(kwargs.get("streamer"), error)
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _notify(streamer: Any, error: BaseException) -> None:
+    with contextlib.suppress(Exception):  # a failing streamer must not hide the generation's own error
+        if hasattr(streamer, "fail"):
+            streamer.fail(error)
+        elif hasattr(streamer, "end"):
+            streamer.end()
 
 
 def _is_cjk(char: str) -> bool:

@@ -325,8 +325,8 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"no {STATE_FILE} (its write did not finish)"
     except (OSError, ValueError) as e:
         return f"{STATE_FILE} is unreadable ({e})"
-    if not isinstance(state, dict) or "completed_steps" not in state:
-        return f"{STATE_FILE} has no completed_steps"
+    if not isinstance(state, dict) or "completed_steps" not in state or not isinstance(state.get("files", {}), dict):
+        return f"{STATE_FILE} is not one this library wrote (no completed_steps, or files not a mapping)"
     for name, size in state.get("files", {}).items():  # absent in checkpoints of earlier versions
         file = path / name
         if not file.is_file():
@@ -427,10 +427,10 @@ def train(model: nn.Module, train_dataset: Any, collate_fn: Callable, config: Tr
     if save:
         save_model(accelerator, loop.model, config.output_dir, tokenizer, loop.model_cls)
     if loop.eval_metrics is not None and accelerator.is_main_process:
-        Path(config.output_dir, "eval_results.json").write_text(json.dumps(loop.eval_metrics, indent=2) + "\n")
+        atomic_write(Path(config.output_dir, "eval_results.json"), json.dumps(loop.eval_metrics, indent=2) + "\n")
     if config.write_rank_digests:
         digest = param_digest(accelerator.unwrap_model(loop.model))
-        Path(config.output_dir, f"param_digest_rank{accelerator.process_index}.txt").write_text(digest + "\n")
+        atomic_write(Path(config.output_dir, f"param_digest_rank{accelerator.process_index}.txt"), digest + "\n")
     return TrainResult(loop.model, accelerator, loop.state, loop.eval_metrics, loop.history)
 
 
