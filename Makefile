@@ -4,13 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Pinned: an unpinned torch pulls the CUDA wheels (several GB) on machines that do not need them.
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from: empty means pip's configured index; e.g. https://download.pytorch.org/whl/cpu for the
+# CPU-only build on Linux (PyPI's Linux wheel carries CUDA).
+TORCH_INDEX_URL ?=
 
 .PHONY: install test lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

@@ -827,6 +827,43 @@ def test_missing_decoder_weight_is_an_error(tmp_path):
         optlite.OPTForCausalLM.from_pretrained(tmp_path)
 
 
+def test_integer_weights_name_the_file_and_key(tmp_path):
+    ref, _ = make_pair("OPTForCausalLM", "pre_ln")
+    state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    state["model.decoder.layers.1.fc2.weight"] = state["model.decoder.layers.1.fc2.weight"].to(torch.int8)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ref.config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=rf"model.decoder.layers.1.fc2.weight in {tmp_path}/model.safetensors: "
+                                              r"stored as int8, expected a floating-point weight"):
+        optlite.OPTForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_full_disk_names_the_target_folder(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    model = make_pair("OPTForCausalLM", "pre_ln")[1]
+
+    def full(tensors, path, metadata=None):  # what safetensors raises when the disk is full
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(saving, "save_file", full)
+    with pytest.raises(saving.SaveError, match=rf"could not save {tmp_path / 'ckpt'}: No space left on device"):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert os.listdir(tmp_path) == []
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    model.config.save_pretrained(tmp_path / "cfg")
+    before = (tmp_path / "cfg" / "config.json").read_bytes()
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(OSError, match=rf"could not save {tmp_path / 'cfg' / 'config.json'}: No space left"):
+        model.config.save_pretrained(tmp_path / "cfg")
+    assert (tmp_path / "cfg" / "config.json").read_bytes() == before
+    assert os.listdir(tmp_path / "cfg") == ["config.json"]
+
+
 class NotATensor:
     pass
 

@@ -97,9 +97,15 @@ def test_convert_writes_what_transformers_reads(checkpoint, tmp_path):
     (["generate", "opt-tiny", "hi", "--max-new-tokens", "0"], 1, "optlite: error: --max-new-tokens must be at least 1"),
     (["generate", "opt-tiny", "hi", "--bogus"], 2, "unrecognized arguments: --bogus"),
     (["info"], 2, "the following arguments are required: MODEL"),
+    (["score", "opt-tiny", "/no/such/file.txt", "--stride", "0"], 1, "optlite: error: --stride must be at least 1"),
+    (["score", "opt-tiny", "/no/such/file.txt", "--max-length", "0"], 1, "--max-length must be at least 2, got 0"),
+    (["generate", "opt-tiny", "hi", "--device", "cuda"], 1, "optlite: error: --device cuda: "),
+    (["generate", "opt-tiny", "hi", "--device", "gpu"], 1, "optlite: error: --device 'gpu' is not a device"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
 ])
 def test_errors_are_one_line_without_traceback(args, code, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
     done = optlite(*args)
     assert done.returncode == code
     assert message in done.stderr and "Traceback" not in done.stderr
@@ -119,3 +125,42 @@ def test_help_lists_every_option(command, options):
     assert done.returncode == 0
     for option in options:
         assert option in done.stdout, option
+
+
+def test_info_shows_small_sizes_in_small_units(checkpoint):
+    done = optlite("info", str(checkpoint))
+    assert done.returncode == 0, done.stderr
+    assert "0.00 GiB" not in done.stdout
+    n = int(done.stdout.split("parameters  ")[1].split()[0].replace(",", ""))
+    assert 2**20 < n * 4 < 2**30 and f"float32 {n * 4 / 2**20:.2f} MiB" in done.stdout  # MiB, not "0.00 GiB"
+    assert "MiB:" in done.stdout.split("files")[1]
+    big = optlite("info", "opt-1.3b")
+    assert f"float32 {1_315_758_080 * 4 / 2**30:.2f} GiB" in big.stdout
+
+
+def test_library_log_lines_print_once():
+    # huggingface_hub logs through a handler of its own; the command must not add a second one at the root.
+    code = ("import sys; from huggingface_hub.utils import logging as hub; from optlite import cli; "
+            "cli.run_info = lambda args: hub.get_logger('huggingface_hub.x').warning('once'); "
+            "sys.exit(cli.main(['info', 'opt-tiny']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines().count("once") == 1, done.stderr
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_model_missing_from_the_cache_is_reported_once_without_retries(tmp_path, offline):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9: an unreachable hub
+    env.pop("HF_HUB_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, "-m", "optlite.cli", "generate", "facebook/opt-125m", "hi"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr  # no retry warnings, no doubled lines
+    assert f"not in the Hugging Face cache {tmp_path / 'hf' / 'hub'}" in lines[0]
+    assert ("HF_HUB_OFFLINE is set" if offline else "cannot be reached") in lines[0]
+    assert "Pass a local folder instead of the repo id" in lines[0]

@@ -107,3 +107,20 @@ def test_presets_match_published_shapes():
     assert (c66.hidden_size, c66.num_hidden_layers, c66.num_attention_heads, c66.dropout) == (9216, 64, 72, 0.0)
     with pytest.raises(ValueError, match="unknown preset 'opt-7b'.*opt-6.7b"):
         OPTConfig.from_preset("opt-7b")
+
+
+def test_derived_embedding_width_follows_an_overridden_hidden_size():
+    import optlite
+
+    cfg = OPTConfig.from_preset("opt-tiny", hidden_size=128)
+    assert cfg.word_embed_proj_dim == 128
+    model = optlite.OPTForCausalLM(cfg)
+    assert model.model.decoder.project_in is None and model.model.decoder.project_out is None
+    assert OPTConfig.from_preset("opt-tiny", hidden_size=128, word_embed_proj_dim=32).word_embed_proj_dim == 32
+    assert OPTConfig.from_preset("opt-350m", hidden_size=2048).word_embed_proj_dim == 512  # not derived in 350m
+    assert OPTConfig.from_preset("opt-tiny").word_embed_proj_dim == 64
+
+
+def test_derived_embedding_width_follows_hidden_size_in_from_pretrained(tmp_path):
+    OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=128, num_hidden_layers=1).save_pretrained(tmp_path)
+    assert OPTConfig.from_pretrained(tmp_path, hidden_size=96).word_embed_proj_dim == 96

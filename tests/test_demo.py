@@ -29,3 +29,5 @@ def test_demo_trains_saves_reloads_and_generates(tmp_path):
     assert "train:" in done.stderr  # the progress bar
     saved = transformers.OPTForCausalLM.from_pretrained(tmp_path / "demo")  # readable by transformers too
     assert saved.config.vocab_size == 400
+    hidden = recipe["model"]["hidden_size"]  # the preset's embedding width follows it: no projections added
+    assert f"hidden {hidden}," in done.stdout and saved.config.word_embed_proj_dim == hidden

@@ -185,3 +185,19 @@ def test_forward_parity_on_accelerator(device, shape, cls_name):
         b = outputs_of(ours, cls_name, ids, mask)
     for key, value in main_tensors(a, cls_name).items():
         assert_close(f"{device} {cls_name}.{key}", value, main_tensors(b, cls_name)[key], atol=1e-4)
+
+
+def test_labels_outside_the_vocabulary_are_named_before_the_loss():
+    _, ours = make_pair("OPTForCausalLM", "pre_ln")
+    ids, _ = batch("none")
+    labels = ids.clone()
+    labels[1, 4] = ours.config.vocab_size
+    with pytest.raises(ValueError, match=rf"labels must be token ids in \[0, vocab_size={ours.config.vocab_size}\) "
+                                         rf"or -100 \(ignored\); got {ours.config.vocab_size} at index \(1, 4\)"):
+        ours(ids, labels=labels)
+    labels[1, 4] = -5
+    with pytest.raises(ValueError, match="got -5 at index"):
+        ours(ids, labels=labels)
+    _, clf = make_pair("OPTForSequenceClassification", "pre_ln")
+    with pytest.raises(ValueError, match=rf"class ids in \[0, num_labels={clf.config.num_labels}\)"):
+        clf(ids, labels=torch.full((ids.shape[0],), clf.config.num_labels))

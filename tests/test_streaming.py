@@ -149,3 +149,88 @@ def test_generate_text_matches_tokenize_generate_decode_and_transformers():
     one = generate_text(model, tok, "Hi", max_new_tokens=5, do_sample=True, num_return_sequences=3,
                         generator=torch.Generator().manual_seed(0))
     assert isinstance(one, list) and len(one) == 3
+
+
+class FailAfter:
+    """A forward hook that raises `error` on the model's n-th call (a crash or Ctrl-C in the middle of generate)."""
+
+    def __init__(self, model, n: int, error: BaseException):
+        self.calls, self.n, self.error = 0, n, error
+        self.handle = model.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls == self.n:
+            raise self.error
+
+
+def read_in_thread(streamer) -> dict:
+    """Read the streamer in a daemon thread; the caller checks it finished (a hang shows as a timeout)."""
+    got: dict = {"chunks": []}
+
+    def read():
+        try:
+            for chunk in streamer:
+                got["chunks"].append(chunk)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            got["error"] = e
+
+    got["thread"] = threading.Thread(target=read, daemon=True)
+    got["thread"].start()
+    return got
+
+
+@pytest.mark.parametrize("error", [RuntimeError("out of memory"), KeyboardInterrupt()],
+                         ids=["exception", "keyboard interrupt"])
+def test_iterator_reader_gets_the_error_when_generation_stops(error):
+    tok, (_, model) = tokenizer(), models()
+    enc = tok("A photo of", return_tensors="pt")
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)  # no timeout: a lost end would hang the reader
+    got = read_in_thread(streamer)
+    hook = FailAfter(model, 6, error)
+    try:
+        with pytest.raises(type(error)):
+            model.generate(**enc, streamer=streamer, max_new_tokens=12, eos_token_id=None)
+    finally:
+        hook.handle.remove()
+    got["thread"].join(timeout=30)
+    assert not got["thread"].is_alive(), "the reader still waits"
+    assert type(got["error"]).__name__ == "GenerationError" and got["error"].__cause__ is error
+    assert type(error).__name__ in str(got["error"])
+
+
+def test_iterator_reader_gets_the_error_of_a_refused_call():
+    tok, (_, model) = tokenizer(), models()
+    streamer = TextIteratorStreamer(tok)
+    got = read_in_thread(streamer)
+    with pytest.raises(TypeError):
+        model.generate(**tok("Hi", return_tensors="pt"), streamer=streamer, no_such_setting=1)
+    got["thread"].join(timeout=30)
+    assert not got["thread"].is_alive() and isinstance(got["error"].__cause__, TypeError)
+
+
+class Collect(TextStreamer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text += text + ("\n" if stream_end else "")
+
+
+def test_a_reused_text_streamer_prints_nothing_of_an_interrupted_run():
+    tok, (_, model) = tokenizer(), models()
+    enc = tok("Hello, my dog is", return_tensors="pt")
+    kwargs = dict(max_new_tokens=10, eos_token_id=None)
+    fresh = Collect(tok, skip_prompt=True)
+    model.generate(**enc, streamer=fresh, **kwargs)
+    reused = Collect(tok, skip_prompt=True)
+    hook = FailAfter(model, 4, KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(**tok("A photo of", return_tensors="pt"), streamer=reused, **kwargs)
+    finally:
+        hook.handle.remove()
+    reused.text = ""
+    model.generate(**enc, streamer=reused, **kwargs)
+    assert reused.text == fresh.text and fresh.text.strip()

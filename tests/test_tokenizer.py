@@ -355,6 +355,80 @@ def test_padding_truncation_match_transformers(tok, ref, kwargs: dict) -> None:
     assert tok(BATCH[0], **kwargs) == dict(ref(BATCH[0], **kwargs))
 
 
+LONG = ["Hello, my dog is cute and it likes to play in the park with the other dogs.", "A photo of a cat",
+        "This is a test of windows that overlap, as question answering needs for long contexts."]
+WINDOWS = [
+    dict(truncation=True, max_length=8, stride=3, return_overflowing_tokens=True),
+    dict(truncation=True, max_length=8, stride=0, return_overflowing_tokens=True),
+    dict(truncation=True, max_length=10, stride=4, return_overflowing_tokens=True, padding=True),
+    dict(truncation=True, max_length=10, stride=4, return_overflowing_tokens=True, padding="max_length"),
+    dict(truncation=True, max_length=8, stride=2),  # no overflow asked: plain truncation
+    dict(return_overflowing_tokens=True),  # nothing truncated: one row per text
+]
+
+
+@needs_files
+@pytest.mark.parametrize("kwargs", WINDOWS, ids=[str(c) for c in WINDOWS])
+def test_stride_and_overflowing_tokens_match_transformers(tok, ref, kwargs: dict) -> None:
+    assert dict(tok(LONG, **kwargs)) == dict(ref(LONG, **kwargs))
+    assert dict(tok(LONG[0], **kwargs)) == dict(ref(LONG[0], **kwargs))
+
+
+@needs_files
+def test_question_answering_windows_match_transformers(tok, ref) -> None:
+    questions = ["What does the dog like?", "Who?"]
+    kwargs = dict(truncation="only_second", max_length=16, stride=4, return_overflowing_tokens=True,
+                  padding="max_length", return_tensors="pt")
+    ours, theirs = tok(questions, LONG[::2], **kwargs), ref(questions, LONG[::2], **kwargs)
+    assert ours.keys() == theirs.keys() and ours["input_ids"].shape[0] > 2  # several windows per context
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    with pytest.raises(ValueError, match=r"stride \(16\) must be smaller than max_length \(16\)"):
+        tok(questions, LONG[::2], **{**kwargs, "stride": 16})
+
+
+@needs_files
+def test_one_tokenizer_shared_by_threads_keeps_each_call_settings(tok) -> None:
+    import sys
+    import threading
+
+    texts = ["Hello there my friend", "A photo of a cat sitting on a mat"]
+    calls = {"left": dict(padding=True, padding_side="left"), "max": dict(padding="max_length", max_length=12),
+             "cut": dict(truncation=True, max_length=4), "windows": dict(truncation=True, max_length=5, stride=1,
+                                                                        return_overflowing_tokens=True)}
+    want = {name: dict(tok(texts, **kw)) for name, kw in calls.items()}
+    wrong: list[str] = []
+
+    def work(name: str) -> None:
+        for _ in range(400):
+            if dict(tok(texts, **calls[name])) != want[name]:
+                wrong.append(name)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, between setting options and encoding
+    try:
+        threads = [threading.Thread(target=work, args=(name,)) for name in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
+
+
+@needs_files
+def test_invalid_text_and_ids_are_named(tok) -> None:
+    with pytest.raises(ValueError, match=r"text\[1\] holds a lone surrogate '\\ud800' at character 1"):
+        tok(["fine", "a\ud800b"])
+    with pytest.raises(ValueError, match=r"text_pair\[0\] holds a lone surrogate"):
+        tok(["fine"], ["x\udfff"])
+    for call in (lambda: tok.decode([5, -1]), lambda: tok.batch_decode([[5], [-1]]),
+                 lambda: tok.convert_ids_to_tokens([-1]), lambda: tok.decode(-3)):
+        with pytest.raises(ValueError, match=r"token ids must be ints in \[0, 50265\), got -"):
+            call()
+
+
 @needs_files
 def test_padding_side_attribute_and_pairs(tok, ref) -> None:
     left = OPTTokenizer.from_pretrained(SHARED, padding_side="left")

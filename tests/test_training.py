@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import optlite
+from optlite import training
 from optlite.data import CausalLMCollator, InputError, LabelMap, TokenBlocks, count_loss_items, group_texts
 from optlite.qa import QAExample, best_span, exact_match, f1_score, normalize_answer, qa_features, read_squad
 from optlite.train_config import TrainConfig
@@ -309,6 +310,111 @@ def test_clm_resume_continues_exactly(files, tmp_path):
     assert evals_a and evals_a == [r for r in records(resumed) if "eval_loss" in r]
     wa, wb = weights(full), weights(resumed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---------------------------------------------------------------------------------------------------- kill -9
+
+KILL_ARGS = ["--train_file", "small.txt", "--per_device_train_batch_size", 2, "--max_train_steps", 8,
+             "--checkpointing_steps", 2]
+
+
+def kill_args(files: SimpleNamespace, out: Path, *extra: object) -> list[object]:
+    args = [files.dir / a if a == "small.txt" else a for a in KILL_ARGS]
+    return clm_args(files, out, *args, *extra, ckpt=files.ckpt_dropout)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    assert run_script("train_clm", *kill_args(files, out)) == 0
+    return out
+
+
+def killed_run(files: SimpleNamespace, out: Path, checkpoint: str, moment: str, *extra: object) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "KILL_CHECKPOINT": checkpoint,
+           "KILL_MOMENT": moment}
+    proc = subprocess.run([sys.executable, ROOT / "tests" / "kill_driver.py", *map(str, kill_args(files, out, *extra))],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr[-3000:]  # it really died during that write
+
+
+# What "latest" finds after each kill while step_6 (which existed) is rewritten: the old step_6 intact, the new one
+# complete, or (killed between two renames) the old one, put back from where it was set aside.
+KILL_MOMENTS = ["mid_file", "before_state", "after_swap", "between_renames"]
+
+
+@pytest.mark.parametrize("moment", KILL_MOMENTS)
+def test_kill_while_rewriting_a_checkpoint_then_resume_exactly(files, uninterrupted, tmp_path, moment, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("step_4", "step_6"):
+        shutil.copytree(uninterrupted / name, out / name)
+    before = {p.name: p.read_bytes() for p in (out / "step_6").iterdir()}
+    killed_run(files, out, "step_6", moment, "--resume_from_checkpoint", out / "step_4")
+    if moment in ("mid_file", "before_state"):
+        assert {p.name: p.read_bytes() for p in (out / "step_6").iterdir()} == before  # untouched by the dead write
+    if moment == "between_renames":
+        assert not (out / "step_6").exists()
+    with caplog.at_level("INFO"):
+        assert run_script("train_clm", *kill_args(files, out, "--resume_from_checkpoint", "latest")) == 0
+    assert f"resumed from {out / 'step_6'} at step 6" in caplog.text
+    full, resumed = weights(uninterrupted), weights(out)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)  # bit-identical
+    assert not [p for p in out.iterdir() if ".optlite-" in p.name]  # what the dead write left is cleared
+
+
+def test_kill_during_a_first_checkpoint_write_then_resume_exactly(files, uninterrupted, tmp_path, caplog):
+    out = tmp_path / "out"
+    killed_run(files, out, "step_4", "mid_file")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["metrics.jsonl", "step_2"]
+    with caplog.at_level("INFO"):
+        assert run_script("train_clm", *kill_args(files, out, "--resume_from_checkpoint", "latest")) == 0
+    assert f"resumed from {out / 'step_2'} at step 2" in caplog.text
+    full, resumed = weights(uninterrupted), weights(out)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_latest_skips_a_damaged_checkpoint_and_names_it(files, uninterrupted, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("step_4", "step_6", "step_8"):
+        shutil.copytree(uninterrupted / name, out / name)
+    optimizer = out / "step_8" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # damaged in place, as an older version's rewrite did
+    (out / "step_6" / "trainer_state.json").unlink()  # a write that never finished
+    assert training.checkpoint_problem(out / "step_8") == f"optimizer.bin has 100 bytes, " \
+        f"{(uninterrupted / 'step_8' / 'optimizer.bin').stat().st_size} were written"
+    with pytest.raises(SystemExit, match=r"step_8.*not a checkpoint, or an incomplete one \(optimizer.bin has 100"):
+        run_script("train_clm", *kill_args(files, out, "--resume_from_checkpoint", out / "step_8"))
+    with caplog.at_level("INFO"):
+        assert run_script("train_clm", *kill_args(files, out, "--resume_from_checkpoint", "latest")) == 0
+    assert f"skipping checkpoint {out / 'step_8'} (optimizer.bin has 100 bytes" in caplog.text
+    assert f"skipping checkpoint {out / 'step_6'} (no trainer_state.json" in caplog.text
+    assert f"resuming from {out / 'step_4'}, the newest complete checkpoint" in caplog.text
+
+
+def test_a_damaged_checkpoint_without_sizes_is_named_when_read(files, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted / "step_4", out / "step_4")
+    state = json.loads((out / "step_4" / "trainer_state.json").read_text())
+    del state["files"]  # as written by earlier versions
+    (out / "step_4" / "trainer_state.json").write_text(json.dumps(state))
+    optimizer = out / "step_4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r"checkpoint .*step_4 cannot be read, it is damaged"):
+        run_script("train_clm", *kill_args(files, out, "--resume_from_checkpoint", "latest"))
+
+
+def test_a_second_run_into_the_same_output_dir_needs_overwrite(files, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    args = clm_args(files, out, "--train_file", files.dir / "small.txt", "--max_train_steps", 2)
+    assert run_script("train_clm", *args) == 0
+    before = [(r["step"], r.get("loss")) for r in records(out)]
+    with pytest.raises(SystemExit, match=r"output_dir .*out already holds files \(.*metrics.jsonl.*--overwrite_"):
+        run_script("train_clm", *args)
+    assert [(r["step"], r.get("loss")) for r in records(out)] == before
+    assert run_script("train_clm", *args, "--overwrite_output_dir") == 0
+    assert [(r["step"], r.get("loss")) for r in records(out)] == before  # started over, not appended
 
 
 def test_clm_holds_out_a_validation_split_without_a_validation_file(files, tmp_path):

@@ -441,7 +441,8 @@ def scan_shards(files: CheckpointFiles) -> dict[str, tuple[TensorInfo, int]]:
 def plan_load(model: nn.Module, stored: dict[str, tuple[TensorInfo, int]], files: CheckpointFiles,
               ignore_mismatched_sizes: bool = False) -> LoadPlan:
     """Match checkpoint keys to the model's, raising on anything that would leave the model silently wrong."""
-    shapes = {k: tuple(t.shape) for k, t in model.state_dict(keep_vars=True).items()}
+    tensors = model.state_dict(keep_vars=True)
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     tied = ties_lm_head(model)
     if tied:
         shapes.pop("lm_head.weight", None)
@@ -466,6 +467,10 @@ def plan_load(model: nn.Module, stored: dict[str, tuple[TensorInfo, int]], files
         if info.shape != shapes[mkey]:
             mismatches.append((mkey, skey, shard, info.shape, shapes[mkey]))
             continue
+        if tensors[mkey].dtype.is_floating_point and not info.dtype.is_floating_point:  # int8 etc.: quantized
+            raise CheckpointError(f"{skey} in {files.shards[shard]}: stored as {dtype_name(info.dtype)}, expected a "
+                                  "floating-point weight (float32, float16 or bfloat16); quantized checkpoints "
+                                  "are not supported: load the unquantized weights")
         assign[mkey] = (skey, shard)
     for mkey, skey, shard, have, want in mismatches:
         if not ignore_mismatched_sizes:

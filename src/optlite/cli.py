@@ -22,7 +22,7 @@ DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    _log_to_stderr()
     try:
         args.run(args)
     except KeyboardInterrupt:
@@ -33,6 +33,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"optlite: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _log_to_stderr() -> None:
+    # optlite's own warnings only: huggingface_hub has its own handler, and a root handler would print its lines twice.
+    log = logging.getLogger("optlite")
+    if not any(getattr(h, "_optlite_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._optlite_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+
+
+def check_device(spec: str) -> torch.device:
+    """The torch.device of `--device`, refused early when this machine or torch build cannot use it."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {spec}: {why}; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {spec}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def human_size(nbytes: float) -> str:
+    """A byte count in the largest binary unit that keeps it at least 1, e.g. "1.50 GiB", "312.00 KiB"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +140,7 @@ def load(args: argparse.Namespace):
     from .heads import OPTForCausalLM
     from .tokenizer import OPTTokenizer
 
+    check_device(args.device)
     preset = preset_name(args.model)
     dtype = None if args.dtype == "float32" else args.dtype
     if preset:
@@ -160,6 +196,9 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_score(args: argparse.Namespace) -> None:
     from .perplexity import perplexity
 
+    for flag, value, least in (("--stride", args.stride, 1), ("--max-length", args.max_length, 2)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")  # 0 must not mean "the default"
     if not args.file.is_file():
         raise FileNotFoundError(f"no such file: {args.file}")
     text = args.file.read_text(encoding="utf-8")
@@ -185,7 +224,7 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"layout      {'pre' if config.do_layer_norm_before else 'post'}-LayerNorm, "
           f"activation {config.activation_function}, stored dtype {config.torch_dtype or 'unknown'}")
     print(f"parameters  {n_params:,}")
-    print("memory      " + ", ".join(f"{name} {n_params * size / 2**30:.2f} GiB"
+    print("memory      " + ", ".join(f"{name} {human_size(n_params * size)}"
                                       for name, size in (("float32", 4), ("float16/bfloat16", 2))))
     if preset:
         return
@@ -194,7 +233,7 @@ def run_info(args: argparse.Namespace) -> None:
     nbytes = sum(math.prod(info.shape) * info.dtype.itemsize for info, _ in stored.values())
     prefix = "model.decoder.*" if any(k.startswith("model.decoder.") for k in stored) else "decoder.*"
     heads = [k for k in ("lm_head.weight", "score.weight", "qa_outputs.weight") if k in stored]
-    print(f"files       {files.format}, {len(files.shards)} shard(s), {nbytes / 2**30:.2f} GiB: "
+    print(f"files       {files.format}, {len(files.shards)} shard(s), {human_size(nbytes)}: "
           + ", ".join(p.name for p in files.shards))
     print(f"keys        {len(stored)} tensors, {prefix}, head: {', '.join(heads) or 'none (lm_head tied)'}")
 

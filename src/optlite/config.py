@@ -148,7 +148,17 @@ class OPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> OPTConfig:
-        """Build from a config.json dict (any hub OPT config); unknown keys are kept in `extra`."""
+        """Build from a config.json dict (any hub OPT config); unknown keys are kept in `extra`. A field derived
+        from another (word_embed_proj_dim, equal to hidden_size in every OPT but 350m) follows an overridden
+        source unless it is overridden too.
+
+        Example:
+            >>> OPTConfig.from_dict({"hidden_size": 64, "word_embed_proj_dim": 64}, hidden_size=128).word_embed_proj_dim
+            128
+        """
+        if ("hidden_size" in overrides and "word_embed_proj_dim" not in overrides
+                and data.get("word_embed_proj_dim") == data.get("hidden_size", cls.hidden_size)):
+            data = {k: v for k, v in data.items() if k != "word_embed_proj_dim"}  # None: hidden_size
         data = {**data, **overrides}
         model_type = data.pop("model_type", "opt")
         if model_type != "opt":
@@ -196,7 +206,9 @@ class OPTConfig:
             raise ValueError(f"{path}: {e}") from None
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_json_string(), encoding="utf-8")
+        from .saving import atomic_write  # saving imports checkpoint, which imports this module
+
+        atomic_write(path, self.to_json_string())
 
     # ---- config.json in a directory or hub repo ----
 
@@ -239,9 +251,7 @@ class OPTConfig:
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "config.json"
-        partial = path.with_name("config.json.partial")
-        partial.write_text(self.to_json_string(), encoding="utf-8")
-        os.replace(partial, path)
+        self.to_json_file(path)
         return path
 
     # ---- presets ----

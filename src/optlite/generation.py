@@ -47,6 +47,7 @@ from .search import (
     top_continuations,
 )
 from .stopping import StoppingCriterion, max_time_criterion, stop_string_criterion
+from .streaming import ends_stream_on_error
 
 __all__ = [  # the names this module has always offered, wherever they live now
     "DEFAULTS", "GenerateBeamDecoderOnlyOutput", "GenerateDecoderOnlyOutput", "GenerationConfig", "LogitsProcessor",
@@ -195,7 +196,9 @@ class GenerationConfig:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         file = directory / CONFIG_FILE
-        file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        from .saving import atomic_write
+
+        atomic_write(file, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return file
 
 
@@ -619,6 +622,7 @@ def _decode_state(model: Any, cfg: GenerationConfig, prompt: Prompt, max_len: in
     return state, embeds
 
 
+@ends_stream_on_error  # a streamer's reader gets the error, not a wait for text that never comes
 @torch.no_grad()
 def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
              generation_config: GenerationConfig | dict | None = None, generator: torch.Generator | None = None,

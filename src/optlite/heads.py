@@ -142,11 +142,20 @@ class OPTForCausalLM(OPTPreTrainedModel):
         return _generate(self, input_ids, attention_mask, **kwargs)
 
 
+def _check_class_ids(ids: torch.Tensor, n: int, name: str, expected: str, ignored: int | None = -100) -> None:
+    """A ValueError naming the first id outside [0, n) (the loss would raise a bare IndexError, or assert on CUDA)."""
+    bad = ((ids < 0) | (ids >= n)) & (ids != ignored if ignored is not None else True)
+    if bad.any():
+        where = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{name} must be {expected.format(n=n)}; got {ids[where].item()} at index {where}")
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy in fp32: position t predicts labels[t + 1]; -100 is ignored."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must be (batch, seq) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
     # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
+    _check_class_ids(labels, logits.shape[-1], "labels", "token ids in [0, vocab_size={n}) or -100 (ignored)")
     targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]  # (B, T)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -223,6 +232,7 @@ class OPTForSequenceClassification(OPTPreTrainedModel):
                 return F.mse_loss(logits.squeeze(), labels.squeeze())
             return F.mse_loss(logits, labels)
         if self.config.problem_type == "single_label_classification":
+            _check_class_ids(labels, self.num_labels, "labels", "class ids in [0, num_labels={n})", ignored=None)
             return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         return F.binary_cross_entropy_with_logits(logits, labels)
 

@@ -27,8 +27,10 @@ def perplexity(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[int], 
         True
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
-    max_length = max_length or model.config.max_position_embeddings
-    stride = stride or max(1, max_length // 2)
+    max_length = model.config.max_position_embeddings if max_length is None else max_length
+    stride = max(1, max_length // 2) if stride is None else stride  # 0 is refused below, not taken as "default"
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a token and its context), got {max_length}")
     if ids.numel() < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
     if not 1 <= stride < max_length:

@@ -9,15 +9,17 @@ Layout written: the model's own keys (`model.decoder.*` + head, or `decoder.*` f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -63,7 +65,11 @@ class ShardWriter:
         path = self.folder / f"shard-{len(self.written) + 1:05d}.partial"
         tensors = {k: _storable(t, compact=not self.safe) for k, t in self.pending.items()}
         if self.safe:
-            save_file(tensors, str(path), metadata={"format": "pt"})
+            try:
+                save_file(tensors, str(path), metadata={"format": "pt"})
+            except SafetensorError as e:  # safetensors reports I/O failures (a full disk) as its own error type
+                full = any(s in str(e) for s in ("No space left", "StorageFull", "os error 28"))
+                raise OSError(errno.ENOSPC if full else errno.EIO, str(e)) from e
         else:
             torch.save(tensors, path)
         _fsync(path)
@@ -96,12 +102,55 @@ def _storable(t: torch.Tensor, compact: bool) -> torch.Tensor:
     return t
 
 
+class SaveError(OSError):
+    """Writing a file or folder failed (disk full, no permission, …); the message names the target."""
+
+    reason: str = ""
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path], object]) -> Path:
+    """Replace the file `path` atomically: write `content` (text, bytes, or a function that writes the file at
+    the path it is given) under a temporary name beside it, flush it to disk, then rename it into place. Readers
+    see the old file or the new one, never a half-written one; a failure leaves the old file and names the target.
+
+    Example:
+        >>> atomic_write(tmp / "config.json", "{}")  # doctest: +SKIP
+        >>> atomic_write(tmp / "tokenizer.json", lambda p: backend.save(str(p)))  # doctest: +SKIP
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        if callable(content):
+            content(partial)
+        elif isinstance(content, bytes):
+            partial.write_bytes(content)
+        else:
+            partial.write_text(content, encoding="utf-8")
+        _fsync(partial)
+        os.replace(partial, path)
+    except OSError as e:
+        raise save_error(e, path) from e
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def write_text(path: Path, text: str) -> None:
-    """Write a small file under a temporary name, flush it to disk, then rename it into place."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    _fsync(partial)
-    os.replace(partial, path)
+    """Write a small text file atomically (see `atomic_write`)."""
+    atomic_write(path, text)
+
+
+def save_error(error: OSError, target: Path) -> SaveError:
+    """`error` as a SaveError that names `target`, the file or folder being written."""
+    if isinstance(error, SaveError):
+        reason = error.reason
+    elif error.errno == errno.ENOSPC:
+        reason = os.strerror(errno.ENOSPC)
+    else:
+        reason = error.strerror or str(error)
+    wrapped = SaveError(error.errno, f"could not save {target}: {reason}; its previous contents are unchanged")
+    wrapped.reason = reason
+    return wrapped
 
 
 def _fsync(path: Path) -> None:
@@ -113,9 +162,10 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+def staged_directory(target: str | os.PathLike, keep_other_files: bool = True) -> Iterator[Path]:
     """Yield an empty folder beside `target` (same filesystem) to write a checkpoint into; on success swap it with
-    `target` in one rename, carrying over the files a save does not own (tokenizer files, README, …). On failure
+    `target` in one rename, carrying over the files a save does not own (tokenizer files, README, …) unless
+    `keep_other_files` is False (training checkpoints: the new folder is the whole checkpoint). On failure
     (exception, disk full, kill) the folder is removed and `target` is untouched, so the old checkpoint stays
     readable; a folder left by a killed process is removed by the next save to the same target.
 
@@ -124,24 +174,48 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
         ...     (tmp / "config.json").write_text("{}")
     """
     target = Path(target).resolve()
+    stage = new_stage(target)
+    try:
+        yield stage
+        commit_stage(stage, target, keep_other_files)
+    except OSError as e:
+        raise save_error(e, target) from e
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # on success it now holds the previous version
+
+
+def new_stage(target: Path) -> Path:
+    """An empty staging folder beside `target`, after removing those that dead processes left for it."""
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"cannot save into {target}: it exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_stages(target)
     stage = target.parent / f".{target.name}.optlite-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
-    try:
-        yield stage
-        _commit(stage, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)  # on success it now holds the previous version
+    return stage
 
 
 def _remove_abandoned_stages(target: Path) -> None:
-    for old in target.parent.glob(f".{target.name}.optlite-tmp-*"):
-        pid = old.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+    clear_abandoned(target.parent, target.name)
+
+
+def clear_abandoned(folder: str | os.PathLike, name: str = "*") -> None:
+    """Clear what saves killed mid-way left in `folder` (for the checkpoint `name`, or all): staging folders are
+    removed; a previous version set aside for a swap that never happened is put back where it was.
+
+    Example:
+        >>> clear_abandoned("out")  # doctest: +SKIP
+    """
+    for old in Path(folder).glob(f".{name}.optlite-*-*"):
+        parts = old.name[1:].rsplit("-", 3)  # <name>.optlite, tmp|old, pid, random
+        if len(parts) != 4 or not parts[0].endswith(".optlite") or not parts[2].isdigit() or _alive(int(parts[2])):
+            continue
+        kind, original = parts[1], old.with_name(parts[0].removesuffix(".optlite"))
+        with contextlib.suppress(OSError):  # another process may be clearing the same folder
+            if kind == "old" and not original.exists():
+                os.rename(old, original)  # killed between the two renames of a swap: the old version is whole
+            else:
+                shutil.rmtree(old)
 
 
 def _alive(pid: int) -> bool:
@@ -154,17 +228,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _commit(stage: Path, target: Path) -> None:
+def commit_stage(stage: Path, target: Path, keep_other_files: bool = True) -> None:
+    """Swap the finished `stage` in as `target` (the old `target`, if any, is left at `stage`'s path)."""
+    for path in [*stage.rglob("*"), stage]:  # everything on disk before the rename makes it visible
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):  # folders cannot be opened for fsync on every platform
+                _fsync(path)
+        elif path.is_file() and not path.is_symlink():
+            _fsync(path)  # files written by others too (accelerate's, in training checkpoints)
     if not target.exists():
         os.rename(stage, target)
         return
     for entry in target.iterdir():
-        if not _OWNED.fullmatch(entry.name) and not (stage / entry.name).exists():
+        if keep_other_files and not _OWNED.fullmatch(entry.name) and not (stage / entry.name).exists():
             _carry(entry, stage / entry.name)
     os.chmod(stage, target.stat().st_mode & 0o7777)
     cwd = os.getcwd()
     if not _exchange(stage, target):
-        aside = target.with_name(f".{target.name}.optlite-old-{uuid.uuid4().hex[:8]}")
+        aside = target.with_name(f".{target.name}.optlite-old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.rename(target, aside)  # without an atomic exchange, two renames (target is absent only in between)
         os.rename(stage, target)
         os.rename(aside, stage)

@@ -1,13 +1,18 @@
 """Streamers: receive token ids from `generate` as they are produced and turn them into text.
 
 `generate(..., streamer=s)` calls `s.put(prompt_ids)` once, `s.put(new_ids)` after every step, then `s.end()`,
-exactly like transformers' streamers, so either library's streamer works with either `generate`.
+exactly like transformers' streamers, so either library's streamer works with either `generate`. When generation
+fails or is interrupted, it calls `s.fail(error)` instead (`s.end()` for a streamer without `fail`), so a reader
+never waits for text that will not come and a reused streamer starts clean.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
 from queue import Queue
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +27,37 @@ class BaseStreamer:
 
     def end(self) -> None:
         raise NotImplementedError
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def ends_stream_on_error(generate: _Fn) -> _Fn:
+    """Wrap a generate function (taking `streamer=` by keyword) so that an exception or KeyboardInterrupt, raised
+    anywhere in it, reaches its streamer (`fail(error)`, or `end()`) before propagating.
+
+    Example:
+        >>> @ends_stream_on_error
+        ... def generate(model, input_ids, *, streamer=None): ...
+    """
+
+    @functools.wraps(generate)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return generate(*args, **kwargs)
+        except BaseException as error:
+            _notify(kwargs.get("streamer"), error)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _notify(streamer: Any, error: BaseException) -> None:
+    with contextlib.suppress(Exception):  # a failing streamer must not hide the generation's own error
+        if hasattr(streamer, "fail"):
+            streamer.fail(error)
+        elif hasattr(streamer, "end"):
+            streamer.end()
 
 
 def _is_cjk(char: str) -> bool:
@@ -101,6 +137,11 @@ class TextStreamer(BaseStreamer):
         self.next_tokens_are_prompt = True
         self.on_finalized_text(printable, stream_end=True)
 
+    def fail(self, error: BaseException) -> None:
+        """Generation stopped with `error`: drop the text held back, so the next stream starts clean."""
+        self.token_cache, self.print_len = [], 0
+        self.next_tokens_are_prompt = True
+
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         """Print the new text at once (and a newline at the end of the stream)."""
         print(text, flush=True, end="\n" if stream_end else "")
@@ -109,8 +150,10 @@ class TextStreamer(BaseStreamer):
 class TextIteratorStreamer(TextStreamer):
     """Hand the text to another thread: iterate over the streamer while `generate` runs in a thread.
 
-    `timeout` (seconds) bounds each wait for the next piece (queue.Empty is raised), so a consumer does not hang
-    when generation fails. The pieces join up to exactly the decoded text (no trailing newline).
+    When generation fails or is interrupted, the reader gets a `GenerationError` (its `__cause__` is the original
+    error) after the text released so far. `timeout` (seconds) bounds each wait for the next piece (queue.Empty is
+    raised), for a generate that can hang in other ways. The pieces join up to exactly the decoded text (no
+    trailing newline).
 
     Example:
         >>> from threading import Thread
@@ -133,6 +176,10 @@ class TextIteratorStreamer(TextStreamer):
         if stream_end:
             self.text_queue.put(self._STOP, timeout=self.timeout)
 
+    def fail(self, error: BaseException) -> None:
+        super().fail(error)
+        self.text_queue.put(_Failure(error), timeout=self.timeout)
+
     def __iter__(self) -> TextIteratorStreamer:
         return self
 
@@ -140,4 +187,15 @@ class TextIteratorStreamer(TextStreamer):
         value = self.text_queue.get(timeout=self.timeout)
         if value is self._STOP:
             raise StopIteration
+        if isinstance(value, _Failure):
+            raise GenerationError(f"generation stopped: {type(value.error).__name__}: {value.error}") from value.error
         return value
+
+
+class GenerationError(RuntimeError):
+    """Raised to a TextIteratorStreamer's reader when the generation it was reading failed or was interrupted."""
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error

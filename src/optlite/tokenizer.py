@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ class OPTTokenizer:
         self.model_max_length = model_max_length if model_max_length and model_max_length < _HUGE else None
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.name_or_path = name_or_path
-        # Per-call padding/truncation is set on the Rust side; start from a clean state.
+        # Per-call padding/truncation is set on the shared Rust tokenizer: one call at a time sets and uses it.
+        self._lock = threading.RLock()
+        # Start from a clean state.
         backend.no_padding()
         backend.no_truncation()
 
@@ -270,12 +273,17 @@ class OPTTokenizer:
         padding_side: str | None = None,
         return_tensors: str | None = None,
         return_attention_mask: bool = True,
+        stride: int = 0,
+        return_overflowing_tokens: bool = False,
     ) -> BatchEncoding:
         """Tokenize one text or a batch, transformers-style: `input_ids` and `attention_mask`.
 
         `padding`: False, True / "longest", or "max_length" (needs `max_length`). `truncation`: True
         (= "longest_first"), False, "only_first", "only_second"; None truncates only when `max_length`
         is given without padding (transformers' rule). `return_tensors="pt"` gives `torch.long` tensors.
+        `return_overflowing_tokens=True` keeps what truncation cuts off as further rows (windows that overlap
+        by `stride` tokens), with `overflow_to_sample_mapping` giving each row's input; as transformers does.
+        Safe to call from several threads at once.
 
         Example:
             >>> enc = tok(["Hi", "Hello there"], padding=True, padding_side="left")  # doctest: +SKIP
@@ -295,17 +303,35 @@ class OPTTokenizer:
             inputs = texts
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
-        self._configure(padding, truncation, max_length, pad_to_multiple_of, padding_side)
-        encodings = self._backend.encode_batch_fast(inputs, add_special_tokens=add_special_tokens)
-        out = BatchEncoding(input_ids=[e.ids for e in encodings])
+        if not isinstance(stride, int) or isinstance(stride, bool) or stride < 0:
+            raise ValueError(f"stride must be an int >= 0, got {stride!r}")
+        with self._lock:
+            self._configure(padding, truncation, max_length, pad_to_multiple_of, padding_side, stride)
+            encodings = self._encode(inputs, add_special_tokens)
+        out = BatchEncoding()
+        if return_overflowing_tokens:  # each input gives its truncated rows, then the windows cut off from it
+            mapping = [i for i, e in enumerate(encodings) for _ in range(1 + len(e.overflowing))]
+            encodings = [piece for e in encodings for piece in (e, *e.overflowing)]
+            single = False  # several windows of one text are a batch, as in transformers
+        out["input_ids"] = [e.ids for e in encodings]
         if return_attention_mask:
             out["attention_mask"] = [e.attention_mask for e in encodings]
+        if return_overflowing_tokens:
+            out["overflow_to_sample_mapping"] = mapping
         for key, rows in out.items():
             if return_tensors == "pt":
-                out[key] = _to_tensor(rows, key)
+                out[key] = torch.tensor(rows, dtype=torch.long) if key == "overflow_to_sample_mapping" \
+                    else _to_tensor(rows, key)
             elif single:
                 out[key] = rows[0]
         return out
+
+    def _encode(self, inputs: list, add_special_tokens: bool) -> list:
+        try:
+            return self._backend.encode_batch_fast(inputs, add_special_tokens=add_special_tokens)
+        except TypeError:
+            _check_surrogates(inputs)  # the Rust side names neither the text nor the character
+            raise
 
     def encode(
         self,
@@ -339,7 +365,8 @@ class OPTTokenizer:
             return_attention_mask=False,
         )["input_ids"]
 
-    def _configure(self, padding: Any, truncation: Any, max_length: Any, multiple: Any, side: Any) -> None:
+    def _configure(self, padding: Any, truncation: Any, max_length: Any, multiple: Any, side: Any,
+                   stride: int = 0) -> None:
         """Validate the call's options and set them on the Rust tokenizer (only when they change)."""
         if not (isinstance(padding, (bool, str)) and padding in _PADDING):
             raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
@@ -364,6 +391,8 @@ class OPTTokenizer:
                 raise ValueError(
                     "padding='max_length' needs max_length (this tokenizer has no model_max_length)"
                 )
+        if strategy and max_length is not None and stride >= max_length:
+            raise ValueError(f"stride ({stride}) must be smaller than max_length ({max_length})")
         if strategy and pad_mode and multiple and max_length and max_length % multiple:
             raise ValueError(
                 f"max_length ({max_length}) must be a multiple of pad_to_multiple_of ({multiple})"
@@ -376,7 +405,7 @@ class OPTTokenizer:
         if strategy and max_length is not None:
             want_trunc = {
                 "max_length": max_length,
-                "stride": 0,
+                "stride": stride,
                 "strategy": strategy,
                 "direction": self.truncation_side,
             }
@@ -424,7 +453,11 @@ class OPTTokenizer:
         ids = [ids] if isinstance(ids, int) else ids
         if ids and not isinstance(ids[0], int):
             raise ValueError("decode takes one sequence of ids; use batch_decode for several")
-        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        try:
+            text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        except (OverflowError, TypeError):
+            _check_ids(ids, len(self))
+            raise
         return self._clean(text, clean_up_tokenization_spaces)
 
     def batch_decode(
@@ -441,7 +474,12 @@ class OPTTokenizer:
             ['Hi', 'Hello there']
         """
         rows = [_id_list(row) for row in _id_list(sequences)]
-        texts = self._backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        try:
+            texts = self._backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        except (OverflowError, TypeError):
+            for row in rows:
+                _check_ids(row, len(self))
+            raise
         return [self._clean(t, clean_up_tokenization_spaces) for t in texts]
 
     def _clean(self, text: str, clean_up: bool | None) -> str:
@@ -465,10 +503,14 @@ class OPTTokenizer:
     ) -> str | list[str]:
         """Token string of an id (or of each id), e.g. `5 -> "Ġthe"`."""
         ids = _id_list(ids)
-        if isinstance(ids, int):
-            return self._backend.id_to_token(ids)
-        skip = set(self.all_special_ids) if skip_special_tokens else set()
-        return [self._backend.id_to_token(i) for i in ids if i not in skip]
+        try:
+            if isinstance(ids, int):
+                return self._backend.id_to_token(ids)
+            skip = set(self.all_special_ids) if skip_special_tokens else set()
+            return [self._backend.id_to_token(i) for i in ids if i not in skip]
+        except (OverflowError, TypeError):
+            _check_ids([ids] if isinstance(ids, int) else list(ids), len(self))
+            raise
 
     def get_vocab(self) -> dict[str, int]:
         """Token -> id for the whole vocabulary, added tokens included."""
@@ -580,8 +622,10 @@ class OPTTokenizer:
         """
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
-        self._backend.no_padding()  # per-call settings must not end up in tokenizer.json
-        self._backend.no_truncation()
+        with self._lock:
+            self._backend.no_padding()  # per-call settings must not end up in tokenizer.json
+            self._backend.no_truncation()
+            tokenizer_json = self._backend.to_str(pretty=True)
         named = {key: self._token_entry(getattr(self, key)) for key in _NAMED_KEYS if getattr(self, key)}
         if self.additional_special_tokens:
             named["additional_special_tokens"] = [
@@ -606,25 +650,18 @@ class OPTTokenizer:
                 for i, t in sorted(self._backend.get_added_tokens_decoder().items())
             },
         }
-        scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target))  # write everything, then rename
-        try:
-            self._backend.save(str(scratch / "tokenizer.json"))
-            self._backend.model.save(str(scratch))  # vocab.json + merges.txt
-            _write_json(scratch / "tokenizer_config.json", config)
-            _write_json(scratch / "special_tokens_map.json", named)
-            written = []
-            for name in (
-                "tokenizer.json",
-                "vocab.json",
-                "merges.txt",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-            ):
-                os.replace(scratch / name, target / name)
-                written.append(target / name)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return written
+        from .saving import atomic_write  # each file replaced whole: a failed save leaves the old one
+
+        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=target) as scratch:
+            self._backend.model.save(scratch)  # vocab.json + merges.txt
+            files: dict[str, Any] = {
+                "tokenizer.json": tokenizer_json,
+                "vocab.json": lambda p: shutil.copyfile(Path(scratch, "vocab.json"), p),
+                "merges.txt": lambda p: shutil.copyfile(Path(scratch, "merges.txt"), p),
+                "tokenizer_config.json": _json_text(config),
+                "special_tokens_map.json": _json_text(named),
+            }
+            return [atomic_write(target / name, content) for name, content in files.items()]
 
     def _token_entry(self, content: str, token: AddedToken | None = None) -> dict[str, Any]:
         token = (
@@ -680,8 +717,26 @@ def _read_json(path: Path | None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def _check_surrogates(inputs: list) -> None:
+    """A ValueError naming the text and position of a lone surrogate (a str that is not valid Unicode)."""
+    for i, item in enumerate(inputs):
+        for j, text in enumerate(item if isinstance(item, tuple) else (item,)):
+            for k, char in enumerate(text):
+                if "\ud800" <= char <= "\udfff":
+                    name = f"text_pair[{i}]" if j else f"text[{i}]"
+                    raise ValueError(f"{name} holds a lone surrogate {char!r} at character {k}, which is not valid "
+                                     "Unicode: decode the bytes with errors='replace' (or remove it) first")
+
+
+def _check_ids(ids: list, vocab: int) -> None:
+    """A ValueError naming a token id that cannot be decoded (negative, or too large for the Rust side)."""
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < 2**32:
+            raise ValueError(f"token ids must be ints in [0, {vocab}), got {i!r}")
 
 
 def _check_texts(text: Any, name: str) -> list[str]:

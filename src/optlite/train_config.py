@@ -40,8 +40,9 @@ class TrainConfig:
 
     `max_train_steps` (optimizer steps) wins over `num_train_epochs`. `checkpointing_steps`: an int (every N steps,
     into output_dir/step_N) or "epoch" (output_dir/epoch_E). `resume_from_checkpoint`: such a folder, or "latest"
-    (the most advanced one in output_dir). `mixed_precision`: "no", "fp16", "bf16", or None for accelerate's
-    config / environment.
+    (the most advanced complete one in output_dir). An output_dir that already holds files is refused unless the
+    run resumes or `overwrite_output_dir` is set, as in transformers' examples. `mixed_precision`: "no", "fp16",
+    "bf16", or None for accelerate's config / environment.
 
     Example:
         >>> TrainConfig("out", max_train_steps=100, checkpointing_steps="50").checkpointing_steps
@@ -68,6 +69,7 @@ class TrainConfig:
     eval_steps: int | None = None  # besides the evaluation at each epoch's end and at the last step
     dataloader_num_workers: int = 0
     write_rank_digests: bool = False  # each process writes a hash of its parameters (checks that ranks agree)
+    overwrite_output_dir: bool = False  # train anew into an output_dir that holds an earlier run
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs",
@@ -123,6 +125,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--eval_steps", type=int, default=None, help="also evaluate every N steps (always: each epoch, the end)")
     a("--dataloader_num_workers", type=int, default=0)
     a("--write_rank_digests", action="store_true", help="each process writes a hash of its weights at the end")
+    a("--overwrite_output_dir", action="store_true",
+      help="train anew into an --output_dir that holds an earlier run (without it, such a folder is refused)")
     return parser
 
 

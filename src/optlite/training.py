@@ -25,6 +25,9 @@ import hashlib
 import json
 import logging
 import math
+import pickle
+import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from .data import InputError, count_loss_items, model_inputs
 from .metrics import EvalMetric
+from .saving import atomic_write, clear_abandoned, commit_stage, new_stage, save_error
 from .tokenizer import OPTTokenizer
 from .train_config import TrainConfig, make_accelerator
 
@@ -247,23 +251,89 @@ class TrainerState:
             setattr(self, key, value)
 
 
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuse to train anew into an output_dir that holds files (an earlier run's model, checkpoints, metrics)
+    unless the run resumes or config.overwrite_output_dir is set; with it, metrics.jsonl starts over.
+
+    Example:
+        >>> check_output_dir(TrainConfig("out"))  # doctest: +SKIP
+        InputError: output_dir out already holds files (...): pass --overwrite_output_dir to train into it anew, ...
+    """
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint or not out.is_dir():
+        return
+    if config.overwrite_output_dir:
+        (out / METRICS_FILE).unlink(missing_ok=True)  # the new run's records only, not appended to the old ones
+        return
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise InputError(f"output_dir {out} already holds files ({shown}): pass --overwrite_output_dir to train "
+                         "into it anew, or --resume_from_checkpoint to continue its run")
+
+
 def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
-    """The checkpoint folder `spec` names: a path, or "latest" (the most advanced one in output_dir).
+    """The checkpoint folder `spec` names: a path, or "latest" (the most advanced complete one in output_dir; an
+    incomplete or corrupt one, such as a write cut short, is skipped with a warning that names it).
 
     Example:
         >>> resolve_checkpoint("latest", "out")  # doctest: +SKIP
         PosixPath('out/step_400')
     """
-    if spec == "latest":
-        out = Path(output_dir)
-        found = sorted((json.loads((d / STATE_FILE).read_text())["completed_steps"], d.name)
-                       for d in (out.iterdir() if out.is_dir() else []) if (d / STATE_FILE).is_file())
-        if not found:
-            raise InputError(f"resume_from_checkpoint 'latest': no checkpoint in {out}")
-        return out / found[-1][1]
-    if not (Path(spec) / STATE_FILE).is_file():
-        raise InputError(f"resume_from_checkpoint {spec!r} is not a checkpoint folder (no {STATE_FILE})")
-    return Path(spec)
+    if spec != "latest":
+        problem = checkpoint_problem(Path(spec))
+        if problem is not None:
+            raise InputError(f"resume_from_checkpoint {spec!r}: not a checkpoint, or an incomplete one ({problem})")
+        return Path(spec)
+    out = Path(output_dir)
+    good, bad = [], []
+    for d in sorted(out.iterdir()) if out.is_dir() else []:
+        if not d.is_dir() or d.name.startswith(".") or not ((d / STATE_FILE).exists() or _CKPT_NAME.fullmatch(d.name)):
+            continue
+        problem = checkpoint_problem(d)
+        if problem is None:
+            good.append((json.loads((d / STATE_FILE).read_text())["completed_steps"], d.name))
+        else:
+            bad.append(f"{d} ({problem})")
+    for entry in bad:
+        logger.warning("skipping checkpoint %s", entry)
+    if not good:
+        found = f"; found only incomplete or corrupt ones: {', '.join(bad)}" if bad else ""
+        raise InputError(f"resume_from_checkpoint 'latest': no complete checkpoint in {out}{found}")
+    chosen = out / max(good)[1]
+    if bad:
+        logger.warning("resuming from %s, the newest complete checkpoint", chosen)
+    return chosen
+
+
+_CKPT_NAME = re.compile(r"(step|epoch)_\d+")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when `path` is a complete training checkpoint, else what is wrong with it: no trainer_state.json (its
+    write did not finish), or a file missing or of another size than when it was written.
+
+    Example:
+        >>> checkpoint_problem(Path("out/step_6"))  # doctest: +SKIP
+        'optimizer.bin has 1024 bytes, 5187 were written'
+    """
+    if not path.is_dir():
+        return "no such folder"
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {STATE_FILE} (its write did not finish)"
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is unreadable ({e})"
+    if not isinstance(state, dict) or "completed_steps" not in state or not isinstance(state.get("files", {}), dict):
+        return f"{STATE_FILE} is not one this library wrote (no completed_steps, or files not a mapping)"
+    for name, size in state.get("files", {}).items():  # absent in checkpoints of earlier versions
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def save_model(accelerator: Any, model: nn.Module, output_dir: str | Path, tokenizer: OPTTokenizer | None = None,
@@ -344,6 +414,9 @@ def train(model: nn.Module, train_dataset: Any, collate_fn: Callable, config: Tr
         raise InputError("the training set is empty")
     if eval_dataset is not None and len(eval_dataset) == 0:
         raise InputError("the evaluation set is empty")
+    check_output_dir(config)
+    if Path(config.output_dir).is_dir():
+        clear_abandoned(config.output_dir)  # checkpoint writes of a run that was killed
     resume = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir) \
         if config.resume_from_checkpoint else None
     accelerator = accelerator or make_accelerator(config.mixed_precision)
@@ -354,10 +427,10 @@ def train(model: nn.Module, train_dataset: Any, collate_fn: Callable, config: Tr
     if save:
         save_model(accelerator, loop.model, config.output_dir, tokenizer, loop.model_cls)
     if loop.eval_metrics is not None and accelerator.is_main_process:
-        Path(config.output_dir, "eval_results.json").write_text(json.dumps(loop.eval_metrics, indent=2) + "\n")
+        atomic_write(Path(config.output_dir, "eval_results.json"), json.dumps(loop.eval_metrics, indent=2) + "\n")
     if config.write_rank_digests:
         digest = param_digest(accelerator.unwrap_model(loop.model))
-        Path(config.output_dir, f"param_digest_rank{accelerator.process_index}.txt").write_text(digest + "\n")
+        atomic_write(Path(config.output_dir, f"param_digest_rank{accelerator.process_index}.txt"), digest + "\n")
     return TrainResult(loop.model, accelerator, loop.state, loop.eval_metrics, loop.history)
 
 
@@ -395,7 +468,10 @@ class _Loop:
         self._window_start = 0.0
 
     def resume(self, path: Path) -> None:
-        self.acc.load_state(str(path))  # model, optimizer, scheduler, TrainerState and every RNG
+        try:
+            self.acc.load_state(str(path))  # model, optimizer, scheduler, TrainerState and every RNG
+        except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+            raise InputError(f"checkpoint {path} cannot be read, it is damaged: {type(e).__name__}: {e}") from e
         if self.state.num_examples != len(self.dataset):
             raise InputError(f"checkpoint {path} was trained on {self.state.num_examples} examples, this run has "
                              f"{len(self.dataset)}: resume on the same data and block size")
@@ -475,11 +551,31 @@ class _Loop:
         self._window_start += time.perf_counter() - start  # evaluation time does not count against tokens/s
 
     def _save_checkpoint(self, name: str) -> None:
-        path = self.output_dir / name
-        with _quiet("accelerate.utils.other"):
-            self.acc.save_state(str(path))
-        if self.acc.is_main_process:
-            (path / STATE_FILE).write_text(json.dumps(self.state.state_dict(), indent=2) + "\n")
+        # Written as save_pretrained writes a model: into a staging folder (one for all processes) that replaces
+        # output_dir/name in one rename once complete, so a write cut short never damages an earlier checkpoint.
+        path = (self.output_dir / name).resolve()
+        stage = [str(new_stage(path)) if self.acc.is_main_process else ""]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(stage, from_process=0)
+        stage_dir = Path(stage[0])
+        try:
+            with _quiet("accelerate.utils.other"):
+                self.acc.save_state(str(stage_dir))
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                sizes = {str(f.relative_to(stage_dir)): f.stat().st_size
+                         for f in sorted(stage_dir.rglob("*")) if f.is_file()}
+                # Written last: its presence marks a complete checkpoint, and the sizes reveal a damaged one.
+                atomic_write(stage_dir / STATE_FILE, json.dumps({**self.state.state_dict(), "files": sizes},
+                                                                indent=2) + "\n")
+                commit_stage(stage_dir, path, keep_other_files=False)
+        except OSError as e:
+            raise save_error(e, path) from e
+        finally:
+            if self.acc.is_main_process:
+                shutil.rmtree(stage_dir, ignore_errors=True)  # after the swap it holds the replaced checkpoint
         self.acc.wait_for_everyone()
 
     def _write(self, record: dict[str, Any]) -> None:
