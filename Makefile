@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 bench: install
+	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python scripts/bench.py
 
 clean:
