@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Pinned: an unpinned torch pulls the CUDA wheels (several GB) on machines that do not need them.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 bench: install
 	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python scripts/bench.py
+
+# On a CUDA machine (with a CUDA build of torch: make install TORCH_VERSION=... or pip install torch first).
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

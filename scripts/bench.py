@@ -1,8 +1,8 @@
 """Side-by-side speed of optlite, transformers' OPT and CTranslate2: same random weights, one process, alternating.
 
     python scripts/bench.py                      # opt-125m and opt-350m shapes, fp32, 2 threads
-    python scripts/bench.py --shapes opt-125m --bf16 --repeats 7
-    python scripts/bench.py --device cuda --compile
+    python scripts/bench.py --shapes opt-125m --dtype bfloat16 --repeats 7
+    python scripts/bench.py --device cuda --dtype float16 --compile
 
 Cases: prefill 1x512; greedy decode batch 1 (32-token prompt, 128 new) and batch 8 (64 new); one training
 step 4x256 (forward, backward, AdamW); decode speed at context 64 vs 1536. Each figure is the median of
@@ -134,7 +134,7 @@ def ct2_engines(ref: torch.nn.Module, folder: Path, threads: int) -> dict[str, E
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     bw = copy_bandwidth(args.device, sync)
     print(f"{cpu_name()} ({' '.join(cpu_features()) or 'no AVX'}), torch {torch.__version__}, transformers "
@@ -282,7 +282,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the dtype both models run in")
+    parser.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="--dtype bfloat16")
     parser.add_argument("--compile", action="store_true", help="optlite decodes with the static cache + torch.compile")
     parser.add_argument("--no-ct2", dest="ct2", action="store_false", help="leave CTranslate2 out")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which cases to run")
