@@ -21,6 +21,7 @@ does at least this work, so transformers' time divided by it bounds the speed-up
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -35,6 +36,7 @@ import transformers
 from machine import copy_bandwidth, cpu_features, cpu_name
 
 import optlite
+from optlite.quantize import quantize_
 
 CASES = ("prefill", "b1", "b8", "context", "train")
 
@@ -132,6 +134,17 @@ def ct2_engines(ref: torch.nn.Module, folder: Path, threads: int) -> dict[str, E
     return engines
 
 
+def reduced_precision_engines(ours: torch.nn.Module, modes: list[str]) -> dict[str, Engine]:
+    """optlite's reduced-precision modes on copies of the fp32 model: bf16 (`dtype="bfloat16"`) and the int8 mode
+    (`quantize="int8"`)."""
+    engines = {}
+    if "bf16" in modes:
+        engines["optlite bf16"] = torch_engine(copy.deepcopy(ours).to(torch.bfloat16))
+    if "int8" in modes:
+        engines["optlite int8"] = torch_engine(quantize_(copy.deepcopy(ours)))
+    return engines
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -156,6 +169,7 @@ def run(args: argparse.Namespace) -> None:
 
 def print_table(rows: list[tuple[str, str, dict[str, float]]], names: list[str]) -> None:
     ratios = [("optlite", "transformers")] + [("optlite", n) for n in names if n == "CT2 fp32"]
+    ratios += [(n, "CT2 int8") for n in names if n.startswith("optlite ") and "CT2 int8" in names]
     print("\n| shape | case | " + " | ".join(names) + " | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |")
     print("|---|---|" + "---:|" * (len(names) + len(ratios)))
     for preset, case, values in rows:
@@ -183,6 +197,8 @@ def bench_shape(preset: str, dtype: torch.dtype, bw: float, args: argparse.Names
     with tempfile.TemporaryDirectory() as tmp:
         if args.ct2 and args.device == "cpu" and dtype == torch.float32:
             engines.update(ct2_engines(ref, Path(tmp), args.threads))
+        if args.modes and args.device == "cpu" and dtype == torch.float32:
+            engines.update(reduced_precision_engines(ours, args.modes))
         check_tokens(engines, prompt, preset)
         rows = time_cases(preset, engines, prompt, bw / weight_bytes_per_token(ours), args)
     ceilings = []
@@ -287,6 +303,8 @@ def main() -> None:
     parser.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="--dtype bfloat16")
     parser.add_argument("--compile", action="store_true", help="optlite decodes with the static cache + torch.compile")
     parser.add_argument("--no-ct2", dest="ct2", action="store_false", help="leave CTranslate2 out")
+    parser.add_argument("--modes", nargs="*", default=["bf16", "int8"], choices=("bf16", "int8"),
+                        help="optlite's reduced-precision modes to add as columns (fp32 runs only)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which cases to run")
     run(parser.parse_args())
 
