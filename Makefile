@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 # CPU-only build on Linux (PyPI's Linux wheel carries CUDA).
 TORCH_INDEX_URL ?=
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 bench: install
+	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python scripts/bench.py
+
+# On a CUDA machine (with a CUDA build of torch: make install TORCH_VERSION=... or pip install torch first).
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -139,7 +141,8 @@ def print_table(results: dict, modes: list[str], repeats: int) -> None:
         return statistics.median(r[field] for r in results[(which, dtype)])
 
     reset = all(r["reset"] for rs in results.values() for r in rs)
-    print(f"\nfrom_pretrained of a 1.3b-shaped fp16 safetensors checkpoint, medians of {repeats} fresh processes "
+    print(f"\n{cpu_name()}: from_pretrained of a 1.3b-shaped fp16 safetensors checkpoint, medians of {repeats} "
+          f"fresh processes "
           f"(peak RSS above the post-import baseline{'' if reset else '; VmHWM could not be reset'}):\n")
     print("| load as | optlite wall | transformers wall | speed-up | optlite CPU | transformers CPU "
           "| optlite peak | transformers peak | memory ratio |")

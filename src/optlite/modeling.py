@@ -407,6 +407,7 @@ class OPTPreTrainedModel(nn.Module):
         progress: bool = True,
         subfolder: str = "",
         state_dict: dict[str, torch.Tensor] | None = None,
+        quantize: str | None = None,
         **config_overrides: Any,
     ) -> Any:
         """Load a checkpoint from a local directory or a hub repo id (safetensors preferred, else `.bin` through
@@ -416,6 +417,7 @@ class OPTPreTrainedModel(nn.Module):
         `dtype`: None (float32), "auto" (the checkpoint's), "float16", "bfloat16", "float32" or a torch.dtype
         (`torch_dtype` is an alias). `device`: "cpu", "cuda", "cuda:1", "mps"… `device_map`: "auto", "balanced",
         "sequential" or a {module: device | "disk"} dict, with `max_memory` and `offload_folder` (accelerate).
+        `quantize="int8"`: the opt-in int8 CPU mode of `optlite.quantize` (int8 projections, inference only).
         Other keyword arguments override config values (`num_labels=3`, `dropout=0.0`). A head missing from the
         checkpoint is initialised and reported; `output_loading_info=True` returns `(model, info)` with
         transformers' sets of missing / unexpected / mismatched keys. `subfolder`: the checkpoint sits in that
@@ -433,6 +435,17 @@ class OPTPreTrainedModel(nn.Module):
 
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError(f"dtype={dtype!r} and its alias torch_dtype={torch_dtype!r} disagree")
+        if quantize is not None:  # the opt-in int8 CPU mode (quantize.py): read as bf16, quantized layer by layer
+            from .quantize import check_mode, quantize_
+
+            check_mode(quantize, device, device_map)
+            loaded = cls.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                         local_files_only=local_files_only, token=token, dtype=torch.bfloat16,
+                                         output_loading_info=output_loading_info, config=config, progress=progress,
+                                         ignore_mismatched_sizes=ignore_mismatched_sizes, subfolder=subfolder,
+                                         state_dict=state_dict, **config_overrides)
+            quantize_(loaded[0] if output_loading_info else loaded)
+            return loaded
         return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
                                local_files_only=local_files_only, token=token,
                                dtype=dtype if dtype is not None else torch_dtype, device=device, device_map=device_map,

@@ -55,7 +55,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases and LayerNorm weights (run_clm's grouping).
+    """AdamW without weight decay on biases and LayerNorm weights (run_clm's grouping); fused on CPU and CUDA.
 
     Example:
         >>> opt = build_optimizer(model, 1e-4, weight_decay=0.1)  # doctest: +SKIP
@@ -67,7 +67,10 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float 
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)  # 1-D: biases and LayerNorm weights
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate)
+    # The fused kernel (transformers' Trainer default with torch >= 2.8) updates all tensors in one pass per group:
+    # the same arithmetic as the per-tensor loop, several times faster on CPU.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=fused)
 
 
 @dataclass
