@@ -73,7 +73,8 @@ def test_local_multiple_choice_task_scores_like_transformers(lms, tmp_path):
         assert [r[0][0] for r in a] == pytest.approx([r[0][0] for r in b], rel=1e-5)
 
 
-GENERATE_TAKES_STOPPING_CRITERIA = "stopping_criteria" in inspect.signature(optlite.generation.generate).parameters
+GENERATE_TAKES_STOPPING_CRITERIA = any("stopping_criteria" in inspect.signature(f).parameters
+                                       for f in (optlite.generation.generate, optlite.OPTForCausalLM.generate))
 
 
 @pytest.mark.xfail(not GENERATE_TAKES_STOPPING_CRITERIA, raises=TypeError, strict=True,

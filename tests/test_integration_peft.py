@@ -107,3 +107,26 @@ def test_sequence_classification_lora_trains_saves_and_merges_like_transformers(
         merged = loaded.merge_and_unload()
         assert type(merged) is optlite.OPTForSequenceClassification
         torch.testing.assert_close(merged(IDS, attention_mask=MASK).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_under_trainer_with_reentrant_gradient_checkpointing_like_transformers(hf_checkpoint, tmp_path,
+                                                                                   one_thread):
+    tok = transformers.GPT2Tokenizer.from_pretrained(hf_checkpoint)
+    examples = [{"input_ids": tok(t)["input_ids"]} for t in ["Hello, my dog is cute", "A photo of a cat"] * 2]
+    results = []
+    for name, base in [("ref", transformers.OPTForCausalLM.from_pretrained(hf_checkpoint, dtype=torch.float32)),
+                       ("ours", optlite.OPTForCausalLM.from_pretrained(hf_checkpoint))]:
+        model = wrap(base, "CAUSAL_LM")
+        args = transformers.TrainingArguments(
+            str(tmp_path / name), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, logging_steps=1,
+            report_to=[], use_cpu=True, gradient_checkpointing=True, seed=0, disable_tqdm=True, save_strategy="no",
+            gradient_checkpointing_kwargs={"use_reentrant": True})  # reentrant: grads reach LoRA only via the inputs
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=examples,
+                                       data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False))
+        trainer.train()
+        lora_a = [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
+        results.append(([log["loss"] for log in trainer.state.log_history if "loss" in log], lora_a))
+    (ref_losses, ref_a), (losses, our_a) = results
+    assert losses == pytest.approx(ref_losses, rel=1e-4)  # logged values are rounded to 4 digits
+    for a, b in zip(our_a, ref_a, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -198,6 +198,12 @@ def test_gradient_checkpointing_accepts_what_trainer_and_peft_pass():
     assert ours.is_activation_checkpointing and ours.model.decoder.checkpoint_kwargs == {"use_reentrant": False}
     with pytest.raises(NotImplementedError, match="every_n_layers=2"):
         ours.gradient_checkpointing_enable(every_n_layers=2)
+    ours.requires_grad_(False)  # a frozen base, as under adapters: the layers' input must still carry grad
+    ours.train()
+    seen = []
+    ours.model.decoder.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].requires_grad))
+    ours(batch("none")[0])
+    assert seen == [True]
 
 
 def _same_inputs(a: dict, b: dict) -> None:

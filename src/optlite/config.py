@@ -56,7 +56,7 @@ class OPTConfig:
     label2id: dict[str, int] | None = None
     problem_type: str | None = None
     torch_dtype: str | None = None  # the dtype the weights were saved in ("float16", ...)
-    # The model-level output switches that transformers' configs carry; forward's own arguments override them.
+    # transformers' model-level output switches: kept so a config.json round-trips and tools can read them.
     output_attentions: bool = False
     output_hidden_states: bool = False
     return_dict: bool = True

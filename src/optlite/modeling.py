@@ -353,7 +353,9 @@ class OPTPreTrainedModel(nn.Module):
                                       every_n_layers: int = 1, offload: bool = False) -> None:
         """Recompute each decoder layer in the backward pass instead of storing its activations.
         `gradient_checkpointing_kwargs` go to `torch.utils.checkpoint.checkpoint` (default `use_reentrant=False`);
-        the other two are transformers 5's arguments, accepted at their defaults (every layer, no offload).
+        the other two are transformers 5's arguments, accepted at their defaults (every layer, no offload). As in
+        transformers, it also calls `enable_input_require_grads()`: a reentrant checkpoint of a frozen model with
+        adapters (LoRA) would otherwise see inputs without grad and give the adapters none.
 
         Example:
             >>> from optlite import OPTConfig, OPTForCausalLM
@@ -367,6 +369,7 @@ class OPTPreTrainedModel(nn.Module):
                                       f"every_n_layers={every_n_layers!r}, offload={offload!r} (use 1 and False)")
         self.decoder_stack.gradient_checkpointing = True
         self.decoder_stack.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.enable_input_require_grads()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:

@@ -281,7 +281,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors by checkpoint key: the tied lm_head left out, disk-offloaded ones read back."""
-    state = model.state_dict()
+    # keep_vars: the tensors themselves; a plain state_dict() would copy the tied lm_head only to drop it here.
+    state = {key: t.detach() for key, t in model.state_dict(keep_vars=True).items()}
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and model.config.tie_word_embeddings and _same_tensor(head.weight, embed.weight):
         state.pop("lm_head.weight", None)  # stored once, as transformers does; a head untied by hand is kept
