@@ -89,7 +89,8 @@ def main() -> None:
         train_cfg["max_train_steps"] = args.steps
     blocks = TokenBlocks.from_texts(texts, tok, block_size=block)
     print(f"5. training on {len(blocks):,} blocks of {block} tokens:")
-    train(model, blocks, CausalLMCollator(tok.pad_token_id), TrainConfig(str(out), **train_cfg), tokenizer=tok)
+    run_config = TrainConfig(str(out), overwrite_output_dir=True, **train_cfg)  # each `make demo` starts over
+    train(model, blocks, CausalLMCollator(tok.pad_token_id), run_config, tokenizer=tok)
 
     model = OPTForCausalLM.from_pretrained(out)  # what save_pretrained wrote, read back as a user would
     tok = OPTTokenizer.from_pretrained(out)

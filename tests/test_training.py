@@ -372,6 +372,8 @@ def test_kill_during_a_first_checkpoint_write_then_resume_exactly(files, uninter
     assert f"resumed from {out / 'step_2'} at step 2" in caplog.text
     full, resumed = weights(uninterrupted), weights(out)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    steps = [r["step"] for r in records(out) if "loss" in r]
+    assert steps == list(range(1, 9)) and losses(out) == losses(uninterrupted)  # steps 3, 4 redone, not repeated
 
 
 def test_latest_skips_a_damaged_checkpoint_and_names_it(files, uninterrupted, tmp_path, caplog):

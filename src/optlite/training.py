@@ -483,6 +483,21 @@ class _Loop:
                            path, self.state.num_processes, self.acc.num_processes)
             self.state.num_processes = self.acc.num_processes
         self._info(f"resumed from {path} at step {self.state.completed_steps}")
+        if self.acc.is_main_process and self.metrics_path.is_file():
+            self._drop_records_after(self.state.completed_steps)
+
+    def _drop_records_after(self, step: int) -> None:
+        # Records of the steps this run redoes (written by the run that was interrupted) would appear twice.
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:  # a line cut short by the interruption
+                continue
+        if len(kept) != len(lines):
+            atomic_write(self.metrics_path, "".join(kept))
 
     def run(self) -> None:
         from tqdm.auto import tqdm
