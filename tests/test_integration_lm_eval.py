@@ -76,4 +76,6 @@ def test_generate_until_matches_transformers(lms):
     ref, ours = lms
     requests = [Instance("generate_until", {}, (prompt, {"until": ["\n", "."], "max_gen_toks": 6, "do_sample": False}),
                          i) for i, (prompt, _) in enumerate(REQUESTS)]
-    assert ours.generate_until(requests) == ref.generate_until(requests)
+    expected = ref.generate_until(requests)
+    assert any(expected), "the tiny model should generate some text before a stop string"
+    assert ours.generate_until(requests) == expected
