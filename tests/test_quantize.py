@@ -67,6 +67,23 @@ def test_quantize_in_place_on_a_built_model():
     assert torch.equal(model.model.decoder.embed_tokens.weight, before)  # the lookup table stays float
 
 
+def test_int8_model_saves_its_dequantized_weights(tmp_path):
+    import transformers
+
+    ref, _ = make_pair("OPTForCausalLM", "pre_ln", vocab_size=512, hidden_size=128, ffn_dim=256)
+    ref.save_pretrained(tmp_path / "float")
+    q = optlite.OPTForCausalLM.from_pretrained(tmp_path / "float", quantize="int8")
+    assert set(q.state_dict()) >= {k for k in ref.state_dict() if k != "lm_head.weight"}
+    q.save_pretrained(tmp_path / "int8")
+    back = transformers.OPTForCausalLM.from_pretrained(tmp_path / "int8").eval()
+    fc1 = q.model.decoder.layers[1].fc1
+    assert torch.equal(back.model.decoder.layers[1].fc1.weight, fc1.weight)
+    ids, mask = batch("left", vocab=512)
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits[mask.bool()]
+        assert relative_error(back(ids, attention_mask=mask).logits[mask.bool()], want) < 0.1
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(quantize="int4"), "quantize='int4': expected one of 'int8'"),
     (dict(quantize="int8", device="cuda"), "runs on the CPU"),

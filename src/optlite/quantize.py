@@ -57,6 +57,13 @@ class Int8Linear(nn.Module):
     def weight(self) -> torch.Tensor:
         return torch.ops.quantized.linear_unpack(self.packed)[0].dequantize()
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # state_dict() and save_pretrained() see a plain linear layer holding the dequantized weight.
+        weight, bias = torch.ops.quantized.linear_unpack(self.packed)
+        destination[prefix + "weight"] = weight.dequantize()
+        if bias is not None:
+            destination[prefix + "bias"] = bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             raise TypeError(f"Int8Linear takes float32 input, got {x.dtype}")
