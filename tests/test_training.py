@@ -412,7 +412,8 @@ def test_a_second_run_into_the_same_output_dir_needs_overwrite(files, uninterrup
     args = clm_args(files, out, "--train_file", files.dir / "small.txt", "--max_train_steps", 2)
     assert run_script("train_clm", *args) == 0
     before = [(r["step"], r.get("loss")) for r in records(out)]
-    with pytest.raises(SystemExit, match=r"output_dir .*out already holds files \(.*metrics.jsonl.*--overwrite_"):
+    with pytest.raises(SystemExit,
+                       match=r"output_dir .*out already holds files \(config.json, .*\): pass --overwrite_output_dir"):
         run_script("train_clm", *args)
     assert [(r["step"], r.get("loss")) for r in records(out)] == before
     assert run_script("train_clm", *args, "--overwrite_output_dir") == 0
