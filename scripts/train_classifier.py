@@ -15,10 +15,11 @@ import argparse
 import sys
 
 from optlite import OPTForSequenceClassification
-from optlite.data import ClassificationCollator, InputError, LabelMap, classification_examples, read_records
-from optlite.metrics import Accuracy
-from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
-from optlite.training import train
+from optlite.train.config import TrainConfig, add_train_args, parse_with_recipe
+from optlite.train.data import ClassificationCollator, InputError, LabelMap, classification_examples, read_records
+from optlite.train.launch import ModelSource, setup_logging
+from optlite.train.loop import train
+from optlite.train.metrics import Accuracy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

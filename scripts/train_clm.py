@@ -19,10 +19,11 @@ import sys
 from typing import Any
 
 from optlite import OPTForCausalLM
-from optlite.data import CausalLMCollator, InputError, TokenBlocks, check_block_size, read_texts
-from optlite.metrics import Perplexity
-from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
-from optlite.training import train
+from optlite.train.config import TrainConfig, add_train_args, parse_with_recipe
+from optlite.train.data import CausalLMCollator, InputError, TokenBlocks, check_block_size, read_texts
+from optlite.train.launch import ModelSource, setup_logging
+from optlite.train.loop import train
+from optlite.train.metrics import Perplexity
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

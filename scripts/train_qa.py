@@ -17,10 +17,11 @@ import functools
 import sys
 
 from optlite import OPTForQuestionAnswering
-from optlite.data import InputError, QACollator
-from optlite.qa import SquadMetric, qa_features, read_squad
-from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
-from optlite.training import train
+from optlite.train.config import TrainConfig, add_train_args, parse_with_recipe
+from optlite.train.data import InputError, QACollator
+from optlite.train.launch import ModelSource, setup_logging
+from optlite.train.loop import train
+from optlite.train.qa import SquadMetric, qa_features, read_squad
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

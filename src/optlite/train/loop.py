@@ -1,11 +1,9 @@
 """The reusable parts of a training loop on accelerate: optimizer and LR schedules, the data order of each
 process, one optimizer step with gradient accumulation, evaluation, checkpoints that resume exactly, the final
-save, a progress bar and JSONL metrics. Its settings (and flags) are in train_config.py.
+save, a progress bar and JSONL metrics. Its settings (and flags) are in config.py, the launch in launch.py.
 
     from optlite import OPTForCausalLM
-    from optlite.data import CausalLMCollator, TokenBlocks, read_texts
-    from optlite.train_config import ModelSource, TrainConfig
-    from optlite.training import train
+    from optlite.train import CausalLMCollator, ModelSource, TokenBlocks, TrainConfig, read_texts, train
 
     source = ModelSource.resolve("facebook/opt-125m")
     tok = source.tokenizer()
@@ -39,11 +37,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
+from ..saving import atomic_write, clear_abandoned, commit_stage, new_stage, save_error
+from ..tokenizer import OPTTokenizer
+from .config import TrainConfig
 from .data import InputError, count_loss_items, model_inputs
+from .launch import make_accelerator
 from .metrics import EvalMetric
-from .saving import atomic_write, clear_abandoned, commit_stage, new_stage, save_error
-from .tokenizer import OPTTokenizer
-from .train_config import TrainConfig, make_accelerator
 
 logger = logging.getLogger(__name__)
 
