@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100  # the label value every loss skips (torch's cross_entropy default)
+from ..heads import IGNORE_INDEX, shift_labels
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_SUFFIXES = (".csv", ".jsonl", ".json")
 
@@ -331,7 +332,7 @@ def count_loss_items(batch: dict[str, torch.Tensor]) -> int:
     labels = batch.get("labels")
     if labels is not None:
         if labels.dim() == 2 and not labels.is_floating_point():
-            return int((labels[:, 1:] != IGNORE_INDEX).sum())
+            return int((shift_labels(labels) != IGNORE_INDEX).sum())
         return labels.numel()
     if "start_positions" in batch:
         return batch["start_positions"].numel()

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
+from ..heads import IGNORE_INDEX, shift_labels
 
 
 class EvalMetric(Protocol):
@@ -56,7 +56,7 @@ class Perplexity:
 
     def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None:
         logits = outputs.logits.float()  # (B, T, V)
-        targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): position t predicts t + 1
+        targets = shift_labels(batch["labels"])  # (B, T)
         nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         counted = (targets != IGNORE_INDEX).sum(-1) * keep  # (B,)
         self.sums.add(nll.sum(-1) * keep, counted)

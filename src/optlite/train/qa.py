@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from ..heads import span_loss
 from .data import InputError, check_file, read_utf8
 from .metrics import RunningSums
 
@@ -190,8 +190,7 @@ class SquadMetric:
 
     def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None:
         start, end = outputs.start_logits.float(), outputs.end_logits.float()  # (B, T)
-        loss = (F.cross_entropy(start, batch["start_positions"], reduction="none")
-                + F.cross_entropy(end, batch["end_positions"], reduction="none")) / 2
+        loss = span_loss(start, end, batch["start_positions"], batch["end_positions"], reduction="none")  # (B,)
         self.sums.add(loss * keep, keep)
         for row, f in enumerate(batch["feature_index"].tolist()):
             if keep[row]:
