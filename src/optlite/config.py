@@ -272,6 +272,18 @@ class OPTConfig:
         return cls.from_dict(json.loads(preset.read_text(encoding="utf-8")), **overrides)
 
 
+def preset_name(name_or_path: str | os.PathLike) -> str | None:
+    """`name_or_path` when it is a bare preset name ("opt-125m") that is not also a local path, else None: a local
+    folder or file of that name wins, and hub ids such as facebook/opt-125m are checkpoints.
+
+    Example:
+        >>> preset_name("opt-125m"), preset_name("facebook/opt-125m")
+        ('opt-125m', None)
+    """
+    name = str(name_or_path)
+    return name if name in OPTConfig.preset_names() and not Path(name).exists() else None
+
+
 def subfolder_file(subfolder: str | None, filename: str) -> str:
     """`filename` inside `subfolder` of a checkpoint ("" or None: at its top), as a path relative to its root."""
     if not subfolder:

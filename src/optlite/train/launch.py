@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import OPTConfig
+from ..config import OPTConfig, preset_name
 from ..tokenizer import OPTTokenizer
 from .data import InputError
 
@@ -41,7 +40,7 @@ class ModelSource:
 
     @classmethod
     def resolve(cls, name_or_path: str) -> ModelSource:
-        if not Path(name_or_path).is_dir() and name_or_path in OPTConfig.preset_names():
+        if preset_name(name_or_path):
             return cls(name_or_path, OPTConfig.from_preset(name_or_path), True)
         return cls(str(name_or_path), OPTConfig.from_pretrained(name_or_path), False)
 
