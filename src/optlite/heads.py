@@ -118,7 +118,8 @@ class OPTForCausalLM(OPTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
         return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -248,7 +249,8 @@ class OPTForSequenceClassification(OPTPreTrainedModel):
             last = -1
         pooled = logits[torch.arange(batch, device=logits.device), last]  # (B, num_labels)
         loss = self._loss(pooled, labels) if labels is not None else None
-        result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        result = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                  hidden_states=out.hidden_states, attentions=out.attentions)
         return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -314,5 +316,6 @@ class OPTForQuestionAnswering(OPTPreTrainedModel):
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        result = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                              hidden_states=out.hidden_states, attentions=out.attentions)
         return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()
