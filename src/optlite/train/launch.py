@@ -8,8 +8,11 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +21,7 @@ from torch import nn
 
 from ..config import OPTConfig, preset_name
 from ..tokenizer import OPTTokenizer
+from .config import add_train_args, parse_with_recipe
 from .data import InputError
 
 # ---------------------------------------------------------------------------------------------------- model source
@@ -64,6 +68,42 @@ class ModelSource:
         if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))  # as run_clm: new tokens get rows
         return model
+
+
+# ---------------------------------------------------------------------------------------------------- scripts
+
+
+def script_parser(doc: str, train_file_help: str) -> argparse.ArgumentParser:
+    """The parser of a training script (scripts/train_*.py): its docstring's first paragraph as description, and
+    the flags they all take (the model, its tokenizer, the train and validation files) before the script's own.
+
+    Example:
+        >>> p = script_parser("Train a model.\n\nMore.", ".txt")
+        >>> parse_script_args(p, ["--model_name_or_path", "opt-125m", "--train_file", "a.txt",
+        ...                       "--output_dir", "out"]).tokenizer_name is None
+        True
+    """
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model_name_or_path", help="checkpoint folder, hub id, or preset (opt-125m); required")
+    p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
+    p.add_argument("--train_file", help=train_file_help)
+    p.add_argument("--validation_file", default=None)
+    return p
+
+
+def parse_script_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """`parser`'s flags plus the training-loop ones, with defaults from a `--config` recipe."""
+    return parse_with_recipe(add_train_args(parser), argv)
+
+
+def run_script(script: str, run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """Run a training script's body with logging set up; bad input ends it with one line naming the script."""
+    setup_logging()
+    try:
+        run(args)
+    except (InputError, FileNotFoundError) as e:
+        sys.exit(f"{script}: error: {e}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------- launch
