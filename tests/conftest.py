@@ -8,6 +8,8 @@ import pytest
 import torch
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "opt_tokenizer"
+# A program run by the kill -9 tests (it patches the loop and trains on import), not a module to collect.
+collect_ignore = ["kill_driver.py"]
 
 
 @pytest.fixture

@@ -153,7 +153,8 @@ class OPTConfig:
         source unless it is overridden too.
 
         Example:
-            >>> OPTConfig.from_dict({"hidden_size": 64, "word_embed_proj_dim": 64}, hidden_size=128).word_embed_proj_dim
+            >>> data = {"hidden_size": 64, "num_attention_heads": 4, "word_embed_proj_dim": 64}
+            >>> OPTConfig.from_dict(data, hidden_size=128).word_embed_proj_dim
             128
         """
         if ("hidden_size" in overrides and "word_embed_proj_dim" not in overrides

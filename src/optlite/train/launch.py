@@ -78,7 +78,7 @@ def script_parser(doc: str, train_file_help: str) -> argparse.ArgumentParser:
     the flags they all take (the model, its tokenizer, the train and validation files) before the script's own.
 
     Example:
-        >>> p = script_parser("Train a model.\n\nMore.", ".txt")
+        >>> p = script_parser("Train a model.", ".txt")
         >>> parse_script_args(p, ["--model_name_or_path", "opt-125m", "--train_file", "a.txt",
         ...                       "--output_dir", "out"]).tokenizer_name is None
         True
