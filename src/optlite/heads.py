@@ -113,8 +113,8 @@ class OPTForCausalLM(OPTPreTrainedModel):
                          return_dict=True, position_ids=position_ids)
         h = out.last_hidden_state
         # An int keeps the last k positions (0: all), a tensor the positions it lists, as transformers.
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep])  # (B, T, V)
+        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, positions])  # (B, T, V)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

@@ -96,30 +96,30 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         >>> TrainConfig.from_args(args).learning_rate
         5e-05
     """
-    d = TrainConfig("")
-    a = parser.add_argument
-    a("--output_dir", help="where the model, checkpoints and metrics.jsonl are written (required)")
-    a("--per_device_train_batch_size", type=int, default=d.per_device_train_batch_size)
-    a("--per_device_eval_batch_size", type=int, default=d.per_device_eval_batch_size)
-    a("--learning_rate", type=float, default=d.learning_rate, help="peak learning rate of AdamW")
-    a("--weight_decay", type=float, default=d.weight_decay, help="AdamW decay (not on biases and LayerNorms)")
-    a("--num_train_epochs", type=int, default=d.num_train_epochs)
-    a("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
-    a("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
-    a("--lr_scheduler_type", default=d.lr_scheduler_type, choices=SCHEDULES)
-    a("--num_warmup_steps", type=int, default=d.num_warmup_steps)
-    a("--max_grad_norm", type=float, default=d.max_grad_norm, help="gradient clipping; 0 turns it off")
-    a("--seed", type=int, default=d.seed)
-    a("--checkpointing_steps", default=None, help='save the training state every N steps, or "epoch"')
-    a("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest" (in --output_dir)')
-    a("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    a("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate's config")
-    a("--logging_steps", type=int, default=d.logging_steps)
-    a("--eval_steps", type=int, default=None, help="also evaluate every N steps (always: each epoch, the end)")
-    a("--dataloader_num_workers", type=int, default=0)
-    a("--write_rank_digests", action="store_true", help="each process writes a hash of its weights at the end")
-    a("--overwrite_output_dir", action="store_true",
-      help="train anew into an --output_dir that holds an earlier run (without it, such a folder is refused)")
+    defaults = TrainConfig("")
+    add = parser.add_argument
+    add("--output_dir", help="where the model, checkpoints and metrics.jsonl are written (required)")
+    add("--per_device_train_batch_size", type=int, default=defaults.per_device_train_batch_size)
+    add("--per_device_eval_batch_size", type=int, default=defaults.per_device_eval_batch_size)
+    add("--learning_rate", type=float, default=defaults.learning_rate, help="peak learning rate of AdamW")
+    add("--weight_decay", type=float, default=defaults.weight_decay, help="AdamW decay (not on biases and LayerNorms)")
+    add("--num_train_epochs", type=int, default=defaults.num_train_epochs)
+    add("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
+    add("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps)
+    add("--lr_scheduler_type", default=defaults.lr_scheduler_type, choices=SCHEDULES)
+    add("--num_warmup_steps", type=int, default=defaults.num_warmup_steps)
+    add("--max_grad_norm", type=float, default=defaults.max_grad_norm, help="gradient clipping; 0 turns it off")
+    add("--seed", type=int, default=defaults.seed)
+    add("--checkpointing_steps", default=None, help='save the training state every N steps, or "epoch"')
+    add("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest" (in --output_dir)')
+    add("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    add("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate's config")
+    add("--logging_steps", type=int, default=defaults.logging_steps)
+    add("--eval_steps", type=int, default=None, help="also evaluate every N steps (always: each epoch, the end)")
+    add("--dataloader_num_workers", type=int, default=0)
+    add("--write_rank_digests", action="store_true", help="each process writes a hash of its weights at the end")
+    add("--overwrite_output_dir", action="store_true",
+        help="train anew into an --output_dir that holds an earlier run (without it, such a folder is refused)")
     return parser
 
 
