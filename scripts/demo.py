@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 
 from optlite import OPTConfig, OPTForCausalLM, OPTTokenizer, generate_text, perplexity
-from optlite.data import CausalLMCollator, TokenBlocks
-from optlite.train_config import TrainConfig
-from optlite.training import train
+from optlite.train import CausalLMCollator, TokenBlocks, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

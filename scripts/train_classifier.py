@@ -15,54 +15,49 @@ import argparse
 import sys
 
 from optlite import OPTForSequenceClassification
-from optlite.data import ClassificationCollator, InputError, LabelMap, classification_examples, read_records
-from optlite.metrics import Accuracy
-from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
-from optlite.training import train
+from optlite.train.config import TrainConfig
+from optlite.train.data import ClassificationCollator, LabelMap, classification_examples, read_records
+from optlite.train.launch import ModelSource, parse_script_args, run_script, script_parser
+from optlite.train.loop import train
+from optlite.train.metrics import Accuracy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_name_or_path", help="checkpoint folder, hub id, or preset (opt-125m); required")
-    p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
-    p.add_argument("--train_file", help=".csv (with a header), .jsonl or .json")
-    p.add_argument("--validation_file", default=None)
+    p = script_parser(__doc__, train_file_help=".csv (with a header), .jsonl or .json")
     p.add_argument("--text_column", default="text")
     p.add_argument("--label_column", default="label")
     p.add_argument("--num_labels", type=int, default=None, help="default: from the labels of the train file")
     p.add_argument("--max_length", type=int, default=128, help="longer texts are truncated")
     p.add_argument("--ignore_mismatched_sizes", action="store_true",
                    help="re-initialise a checkpoint's classifier head of another number of labels")
-    return parse_with_recipe(add_train_args(p), argv)
+    return parse_script_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging()
+    return run_script("train_classifier.py", fit, parse_args(argv))
+
+
+def fit(args: argparse.Namespace) -> None:
     from accelerate.utils import set_seed
 
-    try:
-        config = TrainConfig.from_args(args)
-        source = ModelSource.resolve(args.model_name_or_path)
-        tok = source.tokenizer(args.tokenizer_name)
-        columns = [args.text_column, args.label_column]
-        train_records = read_records(args.train_file, columns)
-        eval_records = read_records(args.validation_file, columns, role="validation file") \
-            if args.validation_file else None
-        labels = LabelMap.infer(train_records.column(args.label_column),
-                                [train_records.where(i) for i in range(len(train_records))],
-                                num_labels=args.num_labels, known_names=_named_labels(source))
-        examples = classification_examples(train_records, tok, labels, *columns, max_length=args.max_length)
-        eval_examples = classification_examples(eval_records, tok, labels, *columns, max_length=args.max_length) \
-            if eval_records else None
-        set_seed(args.seed)  # the same initial weights (the new head) on every process
-        model = source.load(OPTForSequenceClassification, tok, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
-                            num_labels=len(labels.names), id2label=labels.id2label, label2id=labels.label2id)
-        train(model, examples, ClassificationCollator(tok.pad_token_id), config, eval_dataset=eval_examples,
-              metric_factory=Accuracy, tokenizer=tok)
-    except (InputError, FileNotFoundError) as e:
-        sys.exit(f"train_classifier.py: error: {e}")
-    return 0
+    config = TrainConfig.from_args(args)
+    source = ModelSource.resolve(args.model_name_or_path)
+    tok = source.tokenizer(args.tokenizer_name)
+    columns = [args.text_column, args.label_column]
+    train_records = read_records(args.train_file, columns)
+    eval_records = read_records(args.validation_file, columns, role="validation file") \
+        if args.validation_file else None
+    labels = LabelMap.infer(train_records.column(args.label_column),
+                            [train_records.where(i) for i in range(len(train_records))],
+                            num_labels=args.num_labels, known_names=_named_labels(source))
+    examples = classification_examples(train_records, tok, labels, *columns, max_length=args.max_length)
+    eval_examples = classification_examples(eval_records, tok, labels, *columns, max_length=args.max_length) \
+        if eval_records else None
+    set_seed(args.seed)  # the same initial weights (the new head) on every process
+    model = source.load(OPTForSequenceClassification, tok, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+                        num_labels=len(labels.names), id2label=labels.id2label, label2id=labels.label2id)
+    train(model, examples, ClassificationCollator(tok.pad_token_id), config, eval_dataset=eval_examples,
+          metric_factory=Accuracy, tokenizer=tok)
 
 
 def _named_labels(source: ModelSource) -> list[str] | None:

@@ -19,44 +19,39 @@ import sys
 from typing import Any
 
 from optlite import OPTForCausalLM
-from optlite.data import CausalLMCollator, InputError, TokenBlocks, check_block_size, read_texts
-from optlite.metrics import Perplexity
-from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
-from optlite.training import train
+from optlite.train.config import TrainConfig
+from optlite.train.data import CausalLMCollator, InputError, TokenBlocks, check_block_size, read_texts
+from optlite.train.launch import ModelSource, parse_script_args, run_script, script_parser
+from optlite.train.loop import train
+from optlite.train.metrics import Perplexity
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_name_or_path", help="checkpoint folder, hub id, or preset (opt-125m); required")
-    p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
-    p.add_argument("--train_file", help=".txt (one document a line) or .jsonl/.json/.csv")
-    p.add_argument("--validation_file", default=None)
+    p = script_parser(__doc__, train_file_help=".txt (one document a line) or .jsonl/.json/.csv")
     p.add_argument("--validation_split_percentage", type=int, default=5,
                    help="without --validation_file, hold out this percentage of the train file's documents")
     p.add_argument("--text_column", default="text", help="the text field of .jsonl/.json/.csv rows")
     p.add_argument("--no_keep_linebreaks", action="store_true", help="drop the newline at the end of each line")
     p.add_argument("--block_size", type=int, default=None, help="tokens per training row (default min(1024, max))")
-    return parse_with_recipe(add_train_args(p), argv)
+    return parse_script_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging()
+    return run_script("train_clm.py", fit, parse_args(argv))
+
+
+def fit(args: argparse.Namespace) -> None:
     from accelerate.utils import set_seed
 
-    try:
-        config = TrainConfig.from_args(args)
-        source = ModelSource.resolve(args.model_name_or_path)
-        block_size = check_block_size(args.block_size, source.config.max_position_embeddings)
-        tok = source.tokenizer(args.tokenizer_name)
-        blocks, eval_blocks = load_blocks(args, tok, block_size)
-        set_seed(args.seed)  # the same initial weights on every process
-        model = source.load(OPTForCausalLM, tok)
-        train(model, blocks, CausalLMCollator(tok.pad_token_id), config, eval_dataset=eval_blocks,
-              metric_factory=Perplexity, tokenizer=tok)
-    except (InputError, FileNotFoundError) as e:
-        sys.exit(f"train_clm.py: error: {e}")
-    return 0
+    config = TrainConfig.from_args(args)
+    source = ModelSource.resolve(args.model_name_or_path)
+    block_size = check_block_size(args.block_size, source.config.max_position_embeddings)
+    tok = source.tokenizer(args.tokenizer_name)
+    blocks, eval_blocks = load_blocks(args, tok, block_size)
+    set_seed(args.seed)  # the same initial weights on every process
+    model = source.load(OPTForCausalLM, tok)
+    train(model, blocks, CausalLMCollator(tok.pad_token_id), config, eval_dataset=eval_blocks,
+          metric_factory=Perplexity, tokenizer=tok)
 
 
 def load_blocks(args: argparse.Namespace, tok: Any, block_size: int) -> tuple[TokenBlocks, TokenBlocks | None]:

@@ -17,52 +17,47 @@ import functools
 import sys
 
 from optlite import OPTForQuestionAnswering
-from optlite.data import InputError, QACollator
-from optlite.qa import SquadMetric, qa_features, read_squad
-from optlite.train_config import ModelSource, TrainConfig, add_train_args, parse_with_recipe, setup_logging
-from optlite.training import train
+from optlite.train.config import TrainConfig
+from optlite.train.data import InputError, QACollator
+from optlite.train.launch import ModelSource, parse_script_args, run_script, script_parser
+from optlite.train.loop import train
+from optlite.train.qa import SquadMetric, qa_features, read_squad
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model_name_or_path", help="checkpoint folder, hub id, or preset (opt-125m); required")
-    p.add_argument("--tokenizer_name", default=None, help="tokenizer folder or hub id (default: the model's)")
-    p.add_argument("--train_file", help="SQuAD-format .json")
-    p.add_argument("--validation_file", default=None)
+    p = script_parser(__doc__, train_file_help="SQuAD-format .json")
     p.add_argument("--max_seq_length", type=int, default=384)
     p.add_argument("--doc_stride", type=int, default=128, help="context tokens shared by consecutive windows")
     p.add_argument("--max_question_length", type=int, default=64, help="longer questions are truncated")
     p.add_argument("--max_answer_length", type=int, default=30, help="in tokens")
     p.add_argument("--version_2_with_negative", action="store_true", help="some questions have no answer")
-    return parse_with_recipe(add_train_args(p), argv)
+    return parse_script_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup_logging()
+    return run_script("train_qa.py", fit, parse_args(argv))
+
+
+def fit(args: argparse.Namespace) -> None:
     from accelerate.utils import set_seed
 
-    try:
-        config = TrainConfig.from_args(args)
-        source = ModelSource.resolve(args.model_name_or_path)
-        if args.max_seq_length > source.config.max_position_embeddings:
-            raise InputError(f"max_seq_length {args.max_seq_length} is larger than the model's "
-                             f"max_position_embeddings {source.config.max_position_embeddings}")
-        tok = source.tokenizer(args.tokenizer_name)
-        featurize = functools.partial(qa_features, tokenizer=tok, max_length=args.max_seq_length,
-                                      doc_stride=args.doc_stride, max_question_length=args.max_question_length)
-        features = featurize(read_squad(args.train_file))
-        eval_examples = read_squad(args.validation_file, role="validation file") if args.validation_file else None
-        eval_features = featurize(eval_examples) if eval_examples else None
-        metric = functools.partial(SquadMetric, eval_examples, eval_features, args.max_answer_length,
-                                   args.version_2_with_negative) if eval_examples else None
-        set_seed(args.seed)  # the same initial weights (the new head) on every process
-        model = source.load(OPTForQuestionAnswering, tok)
-        train(model, features, QACollator(tok.pad_token_id), config, eval_dataset=eval_features,
-                       metric_factory=metric, tokenizer=tok)
-    except (InputError, FileNotFoundError) as e:
-        sys.exit(f"train_qa.py: error: {e}")
-    return 0
+    config = TrainConfig.from_args(args)
+    source = ModelSource.resolve(args.model_name_or_path)
+    if args.max_seq_length > source.config.max_position_embeddings:
+        raise InputError(f"max_seq_length {args.max_seq_length} is larger than the model's "
+                         f"max_position_embeddings {source.config.max_position_embeddings}")
+    tok = source.tokenizer(args.tokenizer_name)
+    featurize = functools.partial(qa_features, tokenizer=tok, max_length=args.max_seq_length,
+                                  doc_stride=args.doc_stride, max_question_length=args.max_question_length)
+    features = featurize(read_squad(args.train_file))
+    eval_examples = read_squad(args.validation_file, role="validation file") if args.validation_file else None
+    eval_features = featurize(eval_examples) if eval_examples else None
+    metric = functools.partial(SquadMetric, eval_examples, eval_features, args.max_answer_length,
+                               args.version_2_with_negative) if eval_examples else None
+    set_seed(args.seed)  # the same initial weights (the new head) on every process
+    model = source.load(OPTForQuestionAnswering, tok)
+    train(model, features, QACollator(tok.pad_token_id), config, eval_dataset=eval_features,
+          metric_factory=metric, tokenizer=tok)
 
 
 if __name__ == "__main__":

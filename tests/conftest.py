@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "opt_tokenizer"
+# A program run by the kill -9 tests (it patches the loop and trains on import), not a module to collect.
+collect_ignore = ["kill_driver.py"]
 
 
 @pytest.fixture
@@ -72,3 +75,29 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("largest differences measured (fp32; vs transformers unless named otherwise)")
         for name, diff in sorted(tiny.MAX_DIFFS.items()):
             terminalreporter.write_line(f"{name:<48} {diff:.3e}")
+
+
+class DoctestNames:
+    """Names the docstring examples of src/optlite use without defining them: `tok`, the real OPT tokenizer. A
+    plugin rather than a fixture of this folder, so that it reaches the examples under src/."""
+
+    @pytest.fixture(autouse=True)
+    def _example_names(self, request: pytest.FixtureRequest, doctest_namespace: dict) -> None:
+        examples = getattr(request.node, "dtest", None)  # only docstring examples; other tests stay untouched
+        if examples is None or "tok" not in (examples.docstring or ""):
+            return
+        if SHARED_TOKENIZER.is_dir():
+            doctest_namespace.setdefault("tok", _real_tokenizer())
+        else:
+            pytest.skip("the real OPT tokenizer files (../shared/opt_tokenizer) are absent")
+
+
+@functools.cache
+def _real_tokenizer():
+    from optlite import OPTTokenizer
+
+    return OPTTokenizer.from_pretrained(SHARED_TOKENIZER)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(DoctestNames(), "optlite-doctest-names")

@@ -20,7 +20,10 @@ def make_hub_cache(cache_dir: str | os.PathLike, repo_id: str, files: dict[str, 
     model repo `repo_id`; returns the snapshot folder. Several calls with other revisions add snapshots side by side.
 
     Example:
+        >>> tmp_path = getfixture("tmp_path")
         >>> snap = make_hub_cache(tmp_path, "facebook/opt-125m", {"config.json": b"{}"}, revision="refs/pr/35")
+        >>> (snap / "config.json").read_bytes()
+        b'{}'
     """
     repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
     commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()  # any 40-hex string is a valid commit id

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from optlite import saving, training
+from optlite import saving
+from optlite.train import loop as training
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT, MOMENT = os.environ["KILL_CHECKPOINT"], os.environ["KILL_MOMENT"]

@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 import optlite
-from optlite import training
-from optlite.data import CausalLMCollator, InputError, LabelMap, TokenBlocks, count_loss_items, group_texts
-from optlite.qa import QAExample, best_span, exact_match, f1_score, normalize_answer, qa_features, read_squad
-from optlite.train_config import TrainConfig
-from optlite.training import WarmupSchedule, epoch_batches, eval_shard, train, train_step
+from optlite.train import loop as training
+from optlite.train.config import TrainConfig
+from optlite.train.data import CausalLMCollator, InputError, LabelMap, TokenBlocks, count_loss_items, group_texts
+from optlite.train.loop import WarmupSchedule, epoch_batches, eval_shard, train, train_step
+from optlite.train.qa import QAExample, best_span, exact_match, f1_score, normalize_answer, qa_features, read_squad
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -618,7 +618,7 @@ def test_preset_needs_a_tokenizer(tmp_path):
 
 
 def test_build_optimizer_is_fused_and_steps_as_the_plain_loop():
-    from optlite.training import build_optimizer
+    from optlite.train.loop import build_optimizer
 
     torch.manual_seed(0)
     a = optlite.OPTForCausalLM(optlite.OPTConfig.from_preset("opt-tiny")).eval()  # no dropout: same losses

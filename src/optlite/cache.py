@@ -46,9 +46,6 @@ class DynamicCache:
             cache.values.append(value)
         return cache
 
-    def to_legacy_cache(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        return tuple(zip(self.keys, self.values, strict=True))
-
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's keys/values for one layer and return everything cached for it."""
         if layer_idx == len(self.keys):

@@ -1,7 +1,7 @@
 """Loading checkpoints: find the files (local directory or hub repo), read safetensors / .bin shards into a model
 built on the meta device, and place them (dtype, device, accelerate device_map). Writing is in saving.py.
 
-Layouts read (OPT_FACTS §2): `model.decoder.*` (+ `lm_head.weight`) as in opt-125m/1.3b/2.7b/66b, bare `decoder.*`
+Layouts read: `model.decoder.*` (+ `lm_head.weight`) as in opt-125m/1.3b/2.7b/66b, bare `decoder.*`
 as in opt-350m/6.7b/13b/30b, and task checkpoints with `score.*` or `qa_outputs.*`.
 """
 
@@ -28,12 +28,12 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import OPTConfig, subfolder_file
+from .generation import CONFIG_FILE as GENERATION_CONFIG_NAME  # the name is GenerationConfig's
 from .hub import describe, resolve_file
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-GENERATION_CONFIG_NAME = "generation_config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"

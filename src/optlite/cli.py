@@ -128,15 +128,8 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
 # ---- loading ----
 
 
-def preset_name(model: str) -> str | None:
-    """A bare preset name ("opt-125m") that is not also a local folder; hub ids such as facebook/opt-125m are not."""
-    from .config import OPTConfig
-
-    return model if model in OPTConfig.preset_names() and not Path(model).exists() else None
-
-
 def load(args: argparse.Namespace):
-    from .config import OPTConfig
+    from .config import OPTConfig, preset_name
     from .heads import OPTForCausalLM
     from .tokenizer import OPTTokenizer
 
@@ -210,7 +203,7 @@ def run_score(args: argparse.Namespace) -> None:
 
 def run_info(args: argparse.Namespace) -> None:
     from .checkpoint import Source, find_checkpoint, scan_shards
-    from .config import OPTConfig
+    from .config import OPTConfig, preset_name
     from .heads import OPTForCausalLM
 
     preset = preset_name(args.model)

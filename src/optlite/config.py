@@ -153,7 +153,8 @@ class OPTConfig:
         source unless it is overridden too.
 
         Example:
-            >>> OPTConfig.from_dict({"hidden_size": 64, "word_embed_proj_dim": 64}, hidden_size=128).word_embed_proj_dim
+            >>> data = {"hidden_size": 64, "num_attention_heads": 4, "word_embed_proj_dim": 64}
+            >>> OPTConfig.from_dict(data, hidden_size=128).word_embed_proj_dim
             128
         """
         if ("hidden_size" in overrides and "word_embed_proj_dim" not in overrides
@@ -270,6 +271,18 @@ class OPTConfig:
         if not preset.is_file():
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(cls.preset_names())}")
         return cls.from_dict(json.loads(preset.read_text(encoding="utf-8")), **overrides)
+
+
+def preset_name(name_or_path: str | os.PathLike) -> str | None:
+    """`name_or_path` when it is a bare preset name ("opt-125m") that is not also a local path, else None: a local
+    folder or file of that name wins, and hub ids such as facebook/opt-125m are checkpoints.
+
+    Example:
+        >>> preset_name("opt-125m"), preset_name("facebook/opt-125m")
+        ('opt-125m', None)
+    """
+    name = str(name_or_path)
+    return name if name in OPTConfig.preset_names() and not Path(name).exists() else None
 
 
 def subfolder_file(subfolder: str | None, filename: str) -> str:

@@ -113,12 +113,13 @@ class OPTForCausalLM(OPTPreTrainedModel):
                          return_dict=True, position_ids=position_ids)
         h = out.last_hidden_state
         # An int keeps the last k positions (0: all), a tensor the positions it lists, as transformers.
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep])  # (B, T, V)
+        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, positions])  # (B, T, V)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
         return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -142,12 +143,27 @@ class OPTForCausalLM(OPTPreTrainedModel):
         return _generate(self, input_ids, attention_mask, **kwargs)
 
 
-def _check_class_ids(ids: torch.Tensor, n: int, name: str, expected: str, ignored: int | None = -100) -> None:
+IGNORE_INDEX = -100  # the label value every loss skips (torch's cross_entropy default)
+
+
+def _check_class_ids(ids: torch.Tensor, n: int, name: str, expected: str,
+                     ignored: int | None = IGNORE_INDEX) -> None:
     """A ValueError naming the first id outside [0, n) (the loss would raise a bare IndexError, or assert on CUDA)."""
     bad = ((ids < 0) | (ids >= n)) & (ids != ignored if ignored is not None else True)
     if bad.any():
         where = tuple(bad.nonzero()[0].tolist())
         raise ValueError(f"{name} must be {expected.format(n=n)}; got {ids[where].item()} at index {where}")
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The next-token targets of causal LM labels (B, T): position t predicts labels[t + 1], the last predicts
+    nothing (IGNORE_INDEX).
+
+    Example:
+        >>> shift_labels(torch.tensor([[5, 6, 7]]))
+        tensor([[   6,    7, -100]])
+    """
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -156,8 +172,26 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"labels must be (batch, seq) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
     # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
     _check_class_ids(labels, logits.shape[-1], "labels", "token ids in [0, vocab_size={n}) or -100 (ignored)")
-    targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]  # (B, T)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    targets = shift_labels(labels.to(logits.device))
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor,
+              end_positions: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Extractive-QA loss, the mean of the start and end cross entropies over (B, T) logits. Positions outside
+    the sequence are clamped to its length and ignored, as in transformers; `reduction="none"` gives one loss
+    per row (0 for an ignored one).
+
+    Example:
+        >>> logits = torch.zeros(1, 4)
+        >>> round(span_loss(logits, logits, torch.tensor([1]), torch.tensor([2])).item(), 4)  # log(4)
+        1.3863
+    """
+    ignored = start_logits.shape[1]
+    start = start_positions.reshape(-1).clamp(0, ignored).to(start_logits.device)
+    end = end_positions.reshape(-1).clamp(0, ignored).to(end_logits.device)
+    return (F.cross_entropy(start_logits, start, ignore_index=ignored, reduction=reduction)
+            + F.cross_entropy(end_logits, end, ignore_index=ignored, reduction=reduction)) / 2
 
 
 class OPTForSequenceClassification(OPTPreTrainedModel):
@@ -215,7 +249,8 @@ class OPTForSequenceClassification(OPTPreTrainedModel):
             last = -1
         pooled = logits[torch.arange(batch, device=logits.device), last]  # (B, num_labels)
         loss = self._loss(pooled, labels) if labels is not None else None
-        result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        result = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                  hidden_states=out.hidden_states, attentions=out.attentions)
         return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -280,10 +315,7 @@ class OPTForQuestionAnswering(OPTPreTrainedModel):
         start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
-            ignored = start_logits.shape[1]
-            start = start_positions.reshape(-1).clamp(0, ignored).to(start_logits.device)
-            end = end_positions.reshape(-1).clamp(0, ignored).to(end_logits.device)
-            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
-                    + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
-        result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        result = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                              hidden_states=out.hidden_states, attentions=out.attentions)
         return result if config_flag(self.config, "use_return_dict", return_dict) else result.to_tuple()

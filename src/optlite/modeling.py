@@ -71,17 +71,17 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype,
-                         device: torch.device, eager: bool) -> torch.Tensor | None:
+                         device: torch.device, need_weights: bool) -> torch.Tensor | None:
     """The mask the decoder passes to its layers: None when SDPA's own causal flag suffices (no padding mask, and
     a single new token or an empty cache), else a boolean (B, 1, T, S) mask for SDPA, or an additive float mask
     for the eager path. Masked scores get finfo(dtype).min, never -inf, so a fully masked row (a left pad) gives
     no NaN. A given mask is always applied, even when it is all ones: deciding that would branch on data."""
-    if attention_mask is None and not eager and (q_len == 1 or past_len == 0):
+    if attention_mask is None and not need_weights and (q_len == 1 or past_len == 0):
         return None
     allowed = causal_mask(q_len, past_len, device)  # (1, 1, T, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
-    return additive_mask(allowed, dtype) if eager else allowed
+    return additive_mask(allowed, dtype) if need_weights else allowed
 
 
 class OPTAttention(nn.Module):
@@ -117,12 +117,12 @@ class OPTAttention(nn.Module):
             past = past_key_values.get_seq_length(self.layer_idx)
             k, v = past_key_values.update(k, v, self.layer_idx)  # (B, H, S, D)
         mask = attention_mask
-        eager = output_attentions or layer_head_mask is not None  # SDPA returns no weights and takes no head mask
+        need_weights = output_attentions or layer_head_mask is not None  # SDPA gives no weights, takes no head mask
         # SDPA's is_causal aligns queries to the first key, which is right only without a past.
-        if mask is None and (eager or (past and T > 1)):
+        if mask is None and (need_weights or (past and T > 1)):
             mask = causal_mask(T, past, hidden_states.device)  # (1, 1, T, S)
         p = self.dropout if self.training else 0.0
-        if eager:
+        if need_weights:
             scores = q @ k.transpose(-1, -2) + additive_mask(mask, q.dtype)  # (B, H, T, S)
             weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in fp32, as OPT does
             if layer_head_mask is not None:
@@ -510,11 +510,11 @@ def _resized_rows(old: nn.Embedding | nn.Linear, n: int) -> nn.Embedding:
     weight = old.weight
     new = nn.Embedding(n, weight.shape[1], padding_idx=getattr(old, "padding_idx", None), device=weight.device,
                        dtype=weight.dtype)
-    keep = min(n, weight.shape[0])
+    copied = min(n, weight.shape[0])
     with torch.no_grad():
-        new.weight[:keep] = weight[:keep]
-        if n > keep:
-            new.weight[keep:] = weight.float().mean(0).to(weight.dtype)
+        new.weight[:copied] = weight[:copied]
+        if n > copied:
+            new.weight[copied:] = weight.float().mean(0).to(weight.dtype)
     return new
 
 
@@ -571,7 +571,7 @@ class OPTDecoder(nn.Module):
         self._check_attention_mask(attention_mask, batch, past_len + q_len)
         if head_mask is not None:
             head_mask = self._expand_head_mask(head_mask)
-        eager = output_attentions or head_mask is not None  # SDPA returns no weights and takes no head mask
+        need_weights = output_attentions or head_mask is not None  # SDPA returns no weights and takes no head mask
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, P)
@@ -580,7 +580,7 @@ class OPTDecoder(nn.Module):
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)  # (B, T, C)
         h = inputs_embeds + self.embed_positions(position_ids)  # (B, T, C)
-        mask = build_attention_mask(attention_mask, q_len, past_len, h.dtype, h.device, eager)
+        mask = build_attention_mask(attention_mask, q_len, past_len, h.dtype, h.device, need_weights)
         h, all_hidden, all_attn = self._run_layers(h, mask, cache, use_cache, position_ids, output_attentions,
                                                    output_hidden_states, head_mask)
         if self.final_layer_norm is not None:

@@ -72,14 +72,8 @@ class CausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-@pytree_output
-@dataclass
-class SequenceClassifierOutputWithPast(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+# transformers' name for the same fields, returned by the sequence classifier (logits: one row per sequence).
+SequenceClassifierOutputWithPast = CausalLMOutputWithPast
 
 
 @pytree_output

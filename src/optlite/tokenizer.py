@@ -50,7 +50,7 @@ class BatchEncoding(dict):
     """The result of a tokenizer call: a dict with attribute access (`enc.input_ids`) and `.to(device)`.
 
     Example:
-        >>> enc = tok(["Hello", "a longer text"], padding=True, return_tensors="pt")  # doctest: +SKIP
+        >>> enc = tok(["Hello", "a longer text"], padding=True, return_tensors="pt")
         >>> model(**enc.to("cuda"))  # doctest: +SKIP
     """
 
@@ -73,11 +73,11 @@ class OPTTokenizer:
 
     Example:
         >>> tok = OPTTokenizer.from_pretrained("facebook/opt-125m")  # doctest: +SKIP
-        >>> tok("Hello, my dog is cute").input_ids  # doctest: +SKIP
+        >>> tok("Hello, my dog is cute").input_ids
         [2, 31414, 6, 127, 2335, 16, 11962]
-        >>> tok(["Hi", "Hello there"], padding=True, return_tensors="pt").attention_mask  # doctest: +SKIP
+        >>> tok(["Hi", "Hello there"], padding=True, return_tensors="pt").attention_mask
         tensor([[1, 1, 0], [1, 1, 1]])
-        >>> tok.decode([2, 31414, 6], skip_special_tokens=True)  # doctest: +SKIP
+        >>> tok.decode([2, 31414, 6], skip_special_tokens=True)
         'Hello,'
 
     As in transformers, each call sets its padding/truncation on the shared Rust tokenizer: don't
@@ -286,8 +286,8 @@ class OPTTokenizer:
         Safe to call from several threads at once.
 
         Example:
-            >>> enc = tok(["Hi", "Hello there"], padding=True, padding_side="left")  # doctest: +SKIP
-            >>> enc.input_ids  # doctest: +SKIP
+            >>> enc = tok(["Hi", "Hello there"], padding=True, padding_side="left")
+            >>> enc.input_ids
             [[1, 2, 30086], [2, 31414, 89]]
         """
         single = isinstance(text, str)
@@ -347,7 +347,7 @@ class OPTTokenizer:
         """Ids of one text (a `(1, T)` tensor with `return_tensors="pt"`).
 
         Example:
-            >>> tok.encode("This is a test")  # doctest: +SKIP
+            >>> tok.encode("This is a test")
             [2, 713, 16, 10, 1296]
         """
         if not isinstance(text, str):
@@ -446,7 +446,7 @@ class OPTTokenizer:
         transformers 5); True applies the classic " ." -> "." clean-up.
 
         Example:
-            >>> tok.decode([2, 31414, 6, 127, 2335, 16, 11962], skip_special_tokens=True)  # doctest: +SKIP
+            >>> tok.decode([2, 31414, 6, 127, 2335, 16, 11962], skip_special_tokens=True)
             'Hello, my dog is cute'
         """
         ids = _id_list(token_ids)
@@ -470,7 +470,7 @@ class OPTTokenizer:
 
         Example:
             >>> tok.batch_decode(tok(["Hi", "Hello there"], padding=True).input_ids,
-            ...                  skip_special_tokens=True)  # doctest: +SKIP
+            ...                  skip_special_tokens=True)
             ['Hi', 'Hello there']
         """
         rows = [_id_list(row) for row in _id_list(sequences)]
@@ -572,8 +572,8 @@ class OPTTokenizer:
         `attention_mask` (made if absent) 0, `token_type_ids` 0 and `special_tokens_mask` 1; other keys are kept.
 
         Example:
-            >>> batch = tok.pad([{"input_ids": [2, 100]}, {"input_ids": [2]}], return_tensors="pt")  # doctest: +SKIP
-            >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist()  # doctest: +SKIP
+            >>> batch = tok.pad([{"input_ids": [2, 100]}, {"input_ids": [2]}], return_tensors="pt")
+            >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist()
             ([[2, 100], [2, 1]], [[1, 1], [1, 0]])
         """
         strategy = _PADDING.get(getattr(padding, "value", padding), "unknown")

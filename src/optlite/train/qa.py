@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from ..heads import span_loss
 from .data import InputError, check_file, read_utf8
 from .metrics import RunningSums
 
@@ -188,13 +188,12 @@ class SquadMetric:
         self.candidates: list[tuple[int, float, str]] = []  # (example index, score, answer text)
         self.predictions: dict[str, str] = {}
 
-    def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None:
+    def update(self, batch: dict[str, torch.Tensor], outputs: Any, real_rows: torch.Tensor) -> None:
         start, end = outputs.start_logits.float(), outputs.end_logits.float()  # (B, T)
-        loss = (F.cross_entropy(start, batch["start_positions"], reduction="none")
-                + F.cross_entropy(end, batch["end_positions"], reduction="none")) / 2
-        self.sums.add(loss * keep, keep)
+        loss = span_loss(start, end, batch["start_positions"], batch["end_positions"], reduction="none")  # (B,)
+        self.sums.add(loss * real_rows, real_rows)
         for row, f in enumerate(batch["feature_index"].tolist()):
-            if keep[row]:
+            if real_rows[row]:
                 self.candidates.extend(self._spans(f, start[row].cpu(), end[row].cpu()))
 
     def _spans(self, f: int, start: torch.Tensor, end: torch.Tensor) -> list[tuple[int, float, str]]:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100  # the label value every loss skips (torch's cross_entropy default)
+from ..heads import IGNORE_INDEX, shift_labels
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_SUFFIXES = (".csv", ".jsonl", ".json")
 
@@ -193,9 +194,9 @@ class TokenBlocks(torch.utils.data.Dataset):
     """Equal-length token blocks for causal LM training: item i is {"input_ids": (block_size,) tensor}.
 
     Example:
-        >>> blocks = TokenBlocks.from_texts(["Hello there.\\n"] * 50, tok, block_size=16)  # doctest: +SKIP
-        >>> len(blocks), blocks[0]["input_ids"].shape  # doctest: +SKIP
-        (9, torch.Size([16]))
+        >>> blocks = TokenBlocks.from_texts(["Hello there.\\n"] * 50, tok, block_size=16)
+        >>> len(blocks), blocks[0]["input_ids"].shape
+        (15, torch.Size([16]))
     """
 
     def __init__(self, blocks: torch.Tensor):
@@ -331,7 +332,7 @@ def count_loss_items(batch: dict[str, torch.Tensor]) -> int:
     labels = batch.get("labels")
     if labels is not None:
         if labels.dim() == 2 and not labels.is_floating_point():
-            return int((labels[:, 1:] != IGNORE_INDEX).sum())
+            return int((shift_labels(labels) != IGNORE_INDEX).sum())
         return labels.numel()
     if "start_positions" in batch:
         return batch["start_positions"].numel()

@@ -1,11 +1,9 @@
 """The reusable parts of a training loop on accelerate: optimizer and LR schedules, the data order of each
 process, one optimizer step with gradient accumulation, evaluation, checkpoints that resume exactly, the final
-save, a progress bar and JSONL metrics. Its settings (and flags) are in train_config.py.
+save, a progress bar and JSONL metrics. Its settings (and flags) are in config.py, the launch in launch.py.
 
     from optlite import OPTForCausalLM
-    from optlite.data import CausalLMCollator, TokenBlocks, read_texts
-    from optlite.train_config import ModelSource, TrainConfig
-    from optlite.training import train
+    from optlite.train import CausalLMCollator, ModelSource, TokenBlocks, TrainConfig, read_texts, train
 
     source = ModelSource.resolve("facebook/opt-125m")
     tok = source.tokenizer()
@@ -39,11 +37,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
+from ..saving import atomic_write, clear_abandoned, commit_stage, new_stage, save_error
+from ..tokenizer import OPTTokenizer
+from .config import TrainConfig
 from .data import InputError, count_loss_items, model_inputs
+from .launch import make_accelerator
 from .metrics import EvalMetric
-from .saving import atomic_write, clear_abandoned, commit_stage, new_stage, save_error
-from .tokenizer import OPTTokenizer
-from .train_config import TrainConfig, make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +198,8 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 
 def eval_shard(num_examples: int, num_processes: int, process_index: int) -> tuple[list[int], list[int]]:
-    """(indices, keep) of this process's share of an evaluation set: every process gets the same number of rows
-    (so collective ops such as FSDP's gathers line up), the filler rows having keep = 0.
+    """(indices, real_rows) of this process's share of an evaluation set: every process gets the same number of rows
+    (so collective ops such as FSDP's gathers line up), the filler rows having real_rows = 0.
 
     Example:
         >>> eval_shard(5, num_processes=2, process_index=1)
@@ -222,12 +221,12 @@ def evaluate(accelerator: Any, model: nn.Module, dataset: Any, collate_fn: Calla
     """
     was_training = model.training
     model.eval()
-    rows, keep = eval_shard(len(dataset), accelerator.num_processes, accelerator.process_index)
+    rows, real_rows = eval_shard(len(dataset), accelerator.num_processes, accelerator.process_index)
     for i in range(0, len(rows), batch_size):
         batch = collate_fn([dataset[j] for j in rows[i : i + batch_size]])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         out = model(**model_inputs(batch))
-        metric.update(batch, out, torch.tensor(keep[i : i + batch_size], device=accelerator.device))
+        metric.update(batch, out, torch.tensor(real_rows[i : i + batch_size], device=accelerator.device))
     model.train(was_training)
     return metric.compute(accelerator)
 
@@ -525,22 +524,22 @@ class _Loop:
         self.bar.close()
 
     def _after_step(self, stats: StepStats, lr: float, n_batches: int) -> None:
-        cfg, st = self.config, self.state
-        st.completed_steps += 1
-        st.batches_in_epoch += stats.micro_batches
-        st.tokens_seen += stats.tokens
+        cfg, state = self.config, self.state
+        state.completed_steps += 1
+        state.batches_in_epoch += stats.micro_batches
+        state.tokens_seen += stats.tokens
         self._log_step(stats, lr, n_batches)
-        epoch_done = st.batches_in_epoch >= n_batches
+        epoch_done = state.batches_in_epoch >= n_batches
         if epoch_done:
-            st.epoch, st.batches_in_epoch = st.epoch + 1, 0
-        last = st.completed_steps >= self.max_steps
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        last = state.completed_steps >= self.max_steps
         if self.eval_dataset is not None and (epoch_done or last or (cfg.eval_steps and
-                                                                      st.completed_steps % cfg.eval_steps == 0)):
+                                                                      state.completed_steps % cfg.eval_steps == 0)):
             self._evaluate()
-        if isinstance(cfg.checkpointing_steps, int) and st.completed_steps % cfg.checkpointing_steps == 0:
-            self._save_checkpoint(f"step_{st.completed_steps}")
+        if isinstance(cfg.checkpointing_steps, int) and state.completed_steps % cfg.checkpointing_steps == 0:
+            self._save_checkpoint(f"step_{state.completed_steps}")
         if cfg.checkpointing_steps == "epoch" and epoch_done:
-            self._save_checkpoint(f"epoch_{st.epoch - 1}")
+            self._save_checkpoint(f"epoch_{state.epoch - 1}")
 
     def _log_step(self, stats: StepStats, lr: float, n_batches: int) -> None:
         self._window.append(stats)
@@ -548,14 +547,14 @@ class _Loop:
         tokens_per_s = sum(s.tokens for s in self._window) / elapsed
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-        st = self.state
-        if st.completed_steps % self.config.logging_steps and st.completed_steps < self.max_steps:
+        state = self.state
+        if state.completed_steps % self.config.logging_steps and state.completed_steps < self.max_steps:
             return
         norms = [s.grad_norm for s in self._window if s.grad_norm is not None]
-        self._write({"step": st.completed_steps, "epoch": round(st.epoch + st.batches_in_epoch / n_batches, 4),
+        self._write({"step": state.completed_steps, "epoch": round(state.epoch + state.batches_in_epoch / n_batches, 4),
                      "loss": sum(s.loss for s in self._window) / len(self._window), "learning_rate": lr,
                      "grad_norm": norms[-1] if norms else None, "tokens_per_s": round(tokens_per_s, 1),
-                     "tokens": st.tokens_seen})
+                     "tokens": state.tokens_seen})
         self._window, self._window_start = [], time.perf_counter()
 
     def _evaluate(self) -> None:

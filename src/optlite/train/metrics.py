@@ -1,8 +1,8 @@
 """Evaluation metrics summed over processes: perplexity (causal LM) and accuracy (classification); the SQuAD
 metric lives with the rest of question answering in qa.py.
 
-A metric sees each evaluation batch with the model's outputs and a `keep` mask (rows that pad a process's share
-of the data so all processes run the same number of batches have keep = 0), then `compute` reduces across
+A metric sees each evaluation batch with the model's outputs and a `real_rows` mask (rows that pad a process's share
+of the data so all processes run the same number of batches have real_rows = 0), then `compute` reduces across
 processes. Losses are recomputed per row from the logits so that padding rows can be left out exactly.
 """
 
@@ -14,11 +14,11 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
+from ..heads import IGNORE_INDEX, shift_labels
 
 
 class EvalMetric(Protocol):
-    def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None: ...
+    def update(self, batch: dict[str, torch.Tensor], outputs: Any, real_rows: torch.Tensor) -> None: ...
 
     def compute(self, accelerator: Any) -> dict[str, float]: ...
 
@@ -54,12 +54,12 @@ class Perplexity:
     def __init__(self) -> None:
         self.sums = RunningSums("loss", "tokens")
 
-    def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None:
+    def update(self, batch: dict[str, torch.Tensor], outputs: Any, real_rows: torch.Tensor) -> None:
         logits = outputs.logits.float()  # (B, T, V)
-        targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): position t predicts t + 1
+        targets = shift_labels(batch["labels"])  # (B, T)
         nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        counted = (targets != IGNORE_INDEX).sum(-1) * keep  # (B,)
-        self.sums.add(nll.sum(-1) * keep, counted)
+        counted = (targets != IGNORE_INDEX).sum(-1) * real_rows  # (B,)
+        self.sums.add(nll.sum(-1) * real_rows, counted)
 
     def compute(self, accelerator: Any) -> dict[str, float]:
         s = self.sums.reduce(accelerator)
@@ -78,10 +78,10 @@ class Accuracy:
     def __init__(self) -> None:
         self.sums = RunningSums("loss", "correct", "examples")
 
-    def update(self, batch: dict[str, torch.Tensor], outputs: Any, keep: torch.Tensor) -> None:
+    def update(self, batch: dict[str, torch.Tensor], outputs: Any, real_rows: torch.Tensor) -> None:
         logits, labels = outputs.logits.float(), batch["labels"]
         loss = F.cross_entropy(logits, labels, reduction="none")
-        self.sums.add(loss * keep, (logits.argmax(-1) == labels) * keep, keep)
+        self.sums.add(loss * real_rows, (logits.argmax(-1) == labels) * real_rows, real_rows)
 
     def compute(self, accelerator: Any) -> dict[str, float]:
         s = self.sums.reduce(accelerator)
