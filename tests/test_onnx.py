@@ -1,5 +1,5 @@
 """ONNX export through torch.onnx's exporter (dynamo=True), run in onnxruntime with a dynamic sequence length,
-against transformers' OPT on the same weights. Needs the `onnx` extra (`pip install -e ".[onnx]"`)."""
+against transformers' OPT on the same weights."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from tiny import batch, make_pair, record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
-pytest.importorskip("onnxscript", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (it is in the test extra)")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed (it is in the test extra)")
 
 
 def test_onnx_export_runs_in_onnxruntime_at_other_lengths(tmp_path):
