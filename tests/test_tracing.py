@@ -50,6 +50,17 @@ def test_compile_fullgraph_with_and_without_a_mask(pair):
 
 
 @torch.no_grad()
+def test_compile_fullgraph_with_labels_gives_the_loss(pair):
+    ref, ours = pair
+    ids, mask = batch("left")
+    labels = ids.masked_fill(mask == 0, -100)
+    compiled = torch.compile(ours, fullgraph=True, backend=_counting())
+    got = compiled(ids, attention_mask=mask, labels=labels).loss
+    assert torch.equal(got, ours(ids, attention_mask=mask, labels=labels).loss)
+    assert record("compiled loss", got, ref(ids, attention_mask=mask, labels=labels).loss, relative=True) < 1e-5
+
+
+@torch.no_grad()
 def test_compile_dynamic_serves_every_length_from_one_graph(pair):
     ref, ours = pair
     ids, mask = batch("left")

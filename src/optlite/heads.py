@@ -149,6 +149,8 @@ IGNORE_INDEX = -100  # the label value every loss skips (torch's cross_entropy d
 def _check_class_ids(ids: torch.Tensor, n: int, name: str, expected: str,
                      ignored: int | None = IGNORE_INDEX) -> None:
     """A ValueError naming the first id outside [0, n) (the loss would raise a bare IndexError, or assert on CUDA)."""
+    if torch.compiler.is_compiling():  # a data-dependent check: left out of traced graphs, as the input_ids check
+        return
     bad = ((ids < 0) | (ids >= n)) & (ids != ignored if ignored is not None else True)
     if bad.any():
         where = tuple(bad.nonzero()[0].tolist())
