@@ -8,7 +8,7 @@ import torch
 import transformers
 from tiny import batch, make_pair
 
-from optlite.assisted import accept, crop_cache, lookup_draft
+from optlite.assisted import accept, lookup_draft
 from optlite.search import Search
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Using the model-agnostic default:UserWarning"),
@@ -107,7 +107,7 @@ def test_prompt_lookup_and_cache_crop():
     assert lookup_draft(torch.tensor([[1, 2, 3]]), 3, 2, 20).tolist() == []
     _, target, _ = models()
     out = target(prompt(0), use_cache=True)
-    crop_cache(out.past_key_values, 3)
+    out.past_key_values.crop(3)
     assert out.past_key_values.get_seq_length() == 3
 
 

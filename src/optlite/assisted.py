@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .cache import Cache, DynamicCache, StaticCache
+from .cache import Cache, DynamicCache
 from .logits_processors import process_logits
 from .search import DecodeState, GenerateDecoderOnlyOutput, Recorder, Search, sample_token
 from .stopping import stopped
@@ -37,16 +37,6 @@ class Drafter:
     def update(self, accepted: int, drafted: int) -> None:
         if self.schedule in ("heuristic", "heuristic_transient"):
             self.length = self.length + 2 if accepted == drafted else max(1, self.length - 1)
-
-
-def crop_cache(cache: Cache, length: int) -> None:
-    """Forget every cached token after the first `length` (rejected drafts)."""
-    if isinstance(cache, StaticCache):
-        cache.lengths = [min(n, length) for n in cache.lengths]
-        return
-    for i in range(len(cache.keys)):
-        cache.keys[i] = cache.keys[i][:, :, :length]
-        cache.values[i] = cache.values[i][:, :, :length]
 
 
 def lookup_draft(ids: torch.Tensor, count: int, max_ngram: int, max_len: int) -> torch.Tensor:
@@ -141,9 +131,9 @@ def assisted_decode(state: DecodeState, search: Search, d: Drafter) -> torch.Ten
             record.add(scores[j:j + 1], logits[j:j + 1], None)
         d.update(len(new) - 1, len(draft))
         ids = torch.cat([ids, new[None]], dim=1)
-        crop_cache(state.cache, state.offset + ids.shape[1] - 1)
+        state.cache.crop(state.offset + ids.shape[1] - 1)
         if d.cache is not None:
-            crop_cache(d.cache, ids.shape[1] - 1)
+            d.cache.crop(ids.shape[1] - 1)
         if search.streamer is not None:
             search.streamer.put(new.cpu())
         done = _stop_at(ids, len(new), search, record)

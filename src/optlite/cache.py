@@ -60,6 +60,11 @@ class DynamicCache:
         """Tokens cached for one layer (0 before its first update)."""
         return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
+    def crop(self, length: int) -> None:
+        """Forget every cached token after the first `length` (assisted decoding's rejected drafts)."""
+        self.keys = [k[:, :, :length] for k in self.keys]
+        self.values = [v[:, :, :length] for v in self.values]
+
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Select batch rows in place (beam search keeps the beams it extends)."""
         for i in range(len(self.keys)):
@@ -115,6 +120,10 @@ class StaticCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
+
+    def crop(self, length: int) -> None:
+        """Forget every cached token after the first `length`; the buffers keep their size."""
+        self.lengths = [min(n, length) for n in self.lengths]
 
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Select batch rows in place (beam search); the buffers keep their size."""
