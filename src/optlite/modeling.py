@@ -643,10 +643,11 @@ class OPTDecoder(nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         if torch.compiler.is_compiling() or not attention_mask.numel():
             return
-        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
-            raise ValueError(f"attention_mask must hold only 1 (attend) and 0 (padding), got {bad!r}: a fractional "
-                             f"mask would be cast to 0 and hide those tokens")
+        if attention_mask.dtype != torch.bool:
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]  # one pass, one host sync
+            if bad.numel():
+                raise ValueError(f"attention_mask must hold only 1 (attend) and 0 (padding), got {bad[0].item()!r}: "
+                                 f"a fractional mask would be cast to 0 and hide those tokens")
         empty = (~attention_mask.bool().any(-1)).nonzero().flatten().tolist()
         if empty:
             warnings.warn(f"attention_mask rows {empty} are all zeros: those rows attend to no token and their "
