@@ -47,7 +47,7 @@ def test_layer_and_attention_signatures_are_transformers():
 @pytest.mark.parametrize("shape", ["pre_ln", "post_ln_proj"])
 def test_a_layer_alone_is_causal_and_returns_its_hidden_state_first(shape):
     ref, ours = make_pair("OPTModel", shape)
-    x = torch.randn(2, 6, 32)
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for a, b in zip(ours.decoder.layers, ref.decoder.layers, strict=True):
             out = a(x)
@@ -55,7 +55,9 @@ def test_a_layer_alone_is_causal_and_returns_its_hidden_state_first(shape):
             causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]  # what transformers needs to be told
             assert record("layer alone", out[0], hidden(b(x, attention_mask=causal)), relative=True) < 1e-5
             h, weights = a(x, output_attentions=True)
-            assert torch.allclose(h, out[0], atol=1e-6) and weights.shape == (2, 4, 6, 6)
+            # The eager path sums in another order than SDPA's kernel: equal within fp32 rounding of values near 10.
+            assert record("layer alone, eager vs SDPA", h, out[0], relative=True) < 1e-5
+            assert weights.shape == (2, 4, 6, 6)
             assert torch.all(weights.triu(1) == 0)  # nothing attends to a later token
 
 
