@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from hub_cache import make_hub_cache
+from peak_memory import load_peak
 from safetensors.torch import save_file
 from tiny import CLASSES, batch, make_pair
 
@@ -339,34 +340,14 @@ def test_upcast_tensors_own_their_memory(tmp_path):
     assert torch.equal(embed, 2.0 * ref.model.decoder.embed_tokens.weight.float())
 
 
-UPCAST_PEAK = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[2])
-import optlite
-
-def kib(field):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
-
-open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the current RSS
-base = kib("VmRSS")
-model = optlite.OPTForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, progress=False)
-print((kib("VmHWM") - base) * 1024, sum(p.numel() * 4 for p in model.parameters()))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_upcast_peak_memory_is_the_final_weights(tmp_path):
     # 54 MB of fp32 weights from a 27 MB fp16 file, no tensor over 4 MB: reading the whole file and then casting
     # would peak near 81 MB; casting tensor by tensor and releasing what was read, near 54 MB.
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("/proc/self/clear_refs is not writable here: the peak cannot be reset")
     ref, _ = make_pair("OPTForCausalLM", "pre_ln", vocab_size=1024, hidden_size=512, ffn_dim=2048,
                        num_hidden_layers=4, max_position_embeddings=64)
+    weights = sum(p.numel() * 4 for p in ref.parameters())
     ref.half().save_pretrained(tmp_path)
-    src = str(Path(optlite.__file__).parents[1])
-    out = subprocess.run([sys.executable, "-c", UPCAST_PEAK, str(tmp_path), src], capture_output=True, text=True,
-                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peak, weights = map(int, out.stdout.split())
+    peak = load_peak(tmp_path, dtype="float32")
     assert weights >= 50 << 20
     assert peak < 1.25 * weights, f"upcast peaked at {peak / weights:.2f}x the final weights"
 

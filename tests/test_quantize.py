@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from peak_memory import load_peak
 from tiny import batch, make_pair
 
 import optlite
@@ -94,35 +90,13 @@ def test_int8_mode_refuses_what_it_cannot_do(tmp_path, kwargs, message):
         optlite.OPTForCausalLM.from_pretrained(tmp_path, **kwargs)
 
 
-PEAK = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[2])
-import optlite
-
-def kib(field):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
-
-torch.ops.quantized.linear_dynamic  # the fbgemm kernels load before the baseline
-open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the current RSS
-base = kib("VmRSS")
-model = optlite.OPTForCausalLM.from_pretrained(sys.argv[1], quantize="int8", progress=False)
-print((kib("VmHWM") - base) * 1024)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_int8_mode_loads_without_an_fp32_copy(tmp_path):
     # 206 MB of weights in fp32 (big enough that the allocator's and fbgemm's few fixed MB are noise); the mode
     # reads bf16 (103 MB) and quantizes one projection at a time (fbgemm keeps the int8 weight twice, its packed
     # layout and the plain one, so the model stays near 2 bytes a weight).
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("/proc/self/clear_refs is not writable here: the peak cannot be reset")
     ref, _ = make_pair("OPTForCausalLM", "pre_ln", vocab_size=1024, hidden_size=1024, ffn_dim=4096,
                        num_hidden_layers=4, max_position_embeddings=64)
     ref.half().save_pretrained(tmp_path)  # fp16, as the hub's checkpoints
     fp32_bytes = sum(p.numel() * 4 for p in ref.parameters())
-    src = str(Path(optlite.__file__).parents[1])
-    out = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path), src], capture_output=True, text=True,
-                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peak = int(out.stdout.split()[-1])
+    peak = load_peak(tmp_path, quantize="int8")
     assert peak < 0.9 * fp32_bytes, f"int8 load peaked at {peak / fp32_bytes:.2f}x the fp32 weights"
