@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -77,27 +76,7 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{name:<48} {diff:.3e}")
 
 
-class DoctestNames:
-    """Names the docstring examples of src/optlite use without defining them: `tok`, the real OPT tokenizer. A
-    plugin rather than a fixture of this folder, so that it reaches the examples under src/."""
-
-    @pytest.fixture(autouse=True)
-    def _example_names(self, request: pytest.FixtureRequest, doctest_namespace: dict) -> None:
-        examples = getattr(request.node, "dtest", None)  # only docstring examples; other tests stay untouched
-        if examples is None or "tok" not in (examples.docstring or ""):
-            return
-        if SHARED_TOKENIZER.is_dir():
-            doctest_namespace.setdefault("tok", _real_tokenizer())
-        else:
-            pytest.skip("the real OPT tokenizer files (../shared/opt_tokenizer) are absent")
-
-
-@functools.cache
-def _real_tokenizer():
-    from optlite import OPTTokenizer
-
-    return OPTTokenizer.from_pretrained(SHARED_TOKENIZER)
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(DoctestNames(), "optlite-doctest-names")
+    from doctest_env import DoctestEnvironment
+
+    config.pluginmanager.register(DoctestEnvironment(), "optlite-doctest-environment")

@@ -144,8 +144,8 @@ def find_checkpoint(source: Source, with_config: bool = True) -> CheckpointFiles
     fetching nothing else.
 
     Example:
-        >>> files = find_checkpoint(Source("facebook/opt-125m", revision="refs/pr/35"))  # doctest: +SKIP
-        >>> files.format, [p.name for p in files.shards]  # doctest: +SKIP
+        >>> files = find_checkpoint(Source("facebook/opt-125m", revision="refs/pr/35"))
+        >>> files.format, [p.name for p in files.shards]
         ('safetensors', ['model.safetensors'])
     """
     config = source.file(CONFIG_NAME) if with_config else None

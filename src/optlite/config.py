@@ -224,8 +224,8 @@ class OPTConfig:
         preset (use `from_preset` for that), so a typo never silently yields a config without weights.
 
         Example:
-            >>> cfg = OPTConfig.from_pretrained("facebook/opt-350m", num_labels=3)  # doctest: +SKIP
-            >>> cfg.word_embed_proj_dim, cfg.num_labels  # doctest: +SKIP
+            >>> cfg = OPTConfig.from_pretrained("facebook/opt-350m", num_labels=3)
+            >>> cfg.word_embed_proj_dim, cfg.num_labels
             (512, 3)
         """
         from .hub import resolve_file

@@ -707,9 +707,11 @@ def generate_text(model: Any, tokenizer: Any, prompt: str | Sequence[str],
     of prompts gives a list (of lists with num_return_sequences > 1).
 
     Example:
-        >>> text = generate_text(model, tokenizer, "Paris is the capital of", max_new_tokens=8)  # doctest: +SKIP
+        >>> text = generate_text(model, tokenizer, "Paris is the capital of", max_new_tokens=8)
         >>> texts = generate_text(model, tokenizer, ["Hello,", "A photo of"], do_sample=True, top_p=0.9,
-        ...                       generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
+        ...                       max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+        >>> type(text).__name__, len(texts)
+        ('str', 2)
     """
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)

@@ -29,8 +29,8 @@ def resolve_file(
     folder and how to load a local folder instead.
 
     Example:
-        >>> resolve_file("facebook/opt-125m", "config.json")  # doctest: +SKIP
-        PosixPath('.../snapshots/<commit>/config.json')
+        >>> resolve_file("facebook/opt-125m", "config.json")  # doctest: +ELLIPSIS
+        PosixPath('.../models--facebook--opt-125m/snapshots/.../config.json')
     """
     if Path(name_or_path).is_dir():
         path = Path(name_or_path) / filename

@@ -114,8 +114,10 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path]
     see the old file or the new one, never a half-written one; a failure leaves the old file and names the target.
 
     Example:
-        >>> atomic_write(tmp / "config.json", "{}")  # doctest: +SKIP
-        >>> atomic_write(tmp / "tokenizer.json", lambda p: backend.save(str(p)))  # doctest: +SKIP
+        >>> atomic_write("config.json", "{}")
+        PosixPath('config.json')
+        >>> atomic_write("tokenizer.json", lambda p: tok.backend_tokenizer.save(str(p))).stat().st_size > 0
+        True
     """
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
@@ -170,8 +172,10 @@ def staged_directory(target: str | os.PathLike, keep_other_files: bool = True) -
     readable; a folder left by a killed process is removed by the next save to the same target.
 
     Example:
-        >>> with staged_directory("out/ckpt") as tmp:  # doctest: +SKIP
-        ...     (tmp / "config.json").write_text("{}")
+        >>> with staged_directory("out/ckpt") as tmp:
+        ...     _ = (tmp / "config.json").write_text("{}")
+        >>> [p.name for p in Path("out/ckpt").iterdir()]
+        ['config.json']
     """
     target = Path(target).resolve()
     stage = new_stage(target)
@@ -204,7 +208,7 @@ def clear_abandoned(folder: str | os.PathLike, name: str = "*") -> None:
     removed; a previous version set aside for a swap that never happened is put back where it was.
 
     Example:
-        >>> clear_abandoned("out")  # doctest: +SKIP
+        >>> clear_abandoned("out")  # a save into out/ was killed: its staging folders go
     """
     for old in Path(folder).glob(f".{name}.optlite-*-*"):
         parts = old.name[1:].rsplit("-", 3)  # <name>.optlite, tmp|old, pid, random

@@ -95,8 +95,12 @@ class TextStreamer(BaseStreamer):
     go to `tokenizer.decode`.
 
     Example:
-        >>> streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # doctest: +SKIP
-        >>> model.generate(**tokenizer("Hello,", return_tensors="pt"), streamer=streamer)  # doctest: +SKIP
+        >>> import contextlib, io
+        >>> streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        >>> with contextlib.redirect_stdout(io.StringIO()) as printed:  # to show what it printed
+        ...     out = model.generate(**tokenizer("Hello,", return_tensors="pt"), streamer=streamer, max_new_tokens=6)
+        >>> printed.getvalue() == tokenizer.decode(out[0, 3:], skip_special_tokens=True) + "\\n"
+        True
     """
 
     def __init__(self, tokenizer: Any, skip_prompt: bool = False, **decode_kwargs: Any):
@@ -157,9 +161,12 @@ class TextIteratorStreamer(TextStreamer):
 
     Example:
         >>> from threading import Thread
-        >>> streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)  # doctest: +SKIP
-        >>> Thread(target=model.generate, kwargs=dict(input_ids=ids, streamer=streamer)).start()  # doctest: +SKIP
-        >>> text = "".join(streamer)  # doctest: +SKIP
+        >>> ids = tokenizer("Hello,", return_tensors="pt").input_ids
+        >>> streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=60)
+        >>> thread = Thread(target=model.generate, kwargs=dict(input_ids=ids, streamer=streamer, max_new_tokens=6))
+        >>> thread.start()
+        >>> text = "".join(streamer)  # each piece as soon as it is decoded
+        >>> thread.join()
     """
 
     _STOP = object()

@@ -51,7 +51,10 @@ class BatchEncoding(dict):
 
     Example:
         >>> enc = tok(["Hello", "a longer text"], padding=True, return_tensors="pt")
-        >>> model(**enc.to("cuda"))  # doctest: +SKIP
+        >>> enc.attention_mask
+        tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+        >>> model(**enc.to("cpu")).logits.shape  # or .to("cuda"), the model's device
+        torch.Size([2, 4, 50272])
     """
 
     def __getattr__(self, name: str) -> Any:
@@ -72,7 +75,7 @@ class OPTTokenizer:
     """The OPT tokenizer (GPT-2 byte-level BPE, one `</s>` prepended), compatible with transformers'.
 
     Example:
-        >>> tok = OPTTokenizer.from_pretrained("facebook/opt-125m")  # doctest: +SKIP
+        >>> tok = OPTTokenizer.from_pretrained("facebook/opt-125m")
         >>> tok("Hello, my dog is cute").input_ids
         [2, 31414, 6, 127, 2335, 16, 11962]
         >>> tok(["Hi", "Hello there"], padding=True, return_tensors="pt").attention_mask
@@ -170,7 +173,9 @@ class OPTTokenizer:
         `overrides` replace settings read from `tokenizer_config.json` (e.g. `padding_side="left"`).
 
         Example:
-            >>> tok = OPTTokenizer.from_pretrained("facebook/opt-350m", padding_side="left")  # doctest: +SKIP
+            >>> tok = OPTTokenizer.from_pretrained("facebook/opt-350m", padding_side="left")
+            >>> tok.padding_side
+            'left'
         """
 
         def find(filename: str, required: bool = False) -> Path | None:
@@ -618,7 +623,8 @@ class OPTTokenizer:
         transformers' `AutoTokenizer.from_pretrained(save_directory)` reads the result back identically.
 
         Example:
-            >>> tok.save_pretrained("my-tokenizer")  # doctest: +SKIP
+            >>> sorted(path.name for path in tok.save_pretrained("my-tokenizer"))
+            ['merges.txt', 'special_tokens_map.json', 'tokenizer.json', 'tokenizer_config.json', 'vocab.json']
         """
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
