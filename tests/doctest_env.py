@@ -12,6 +12,7 @@ import functools
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,10 @@ class DoctestEnvironment:
     """Autouse fixtures that act on docstring examples only; other tests stay untouched."""
 
     @pytest.fixture(autouse=True)
-    def _example_environment(self, request: pytest.FixtureRequest, doctest_namespace: dict) -> None:
+    def _example_environment(self, request: pytest.FixtureRequest, doctest_namespace: dict) -> Iterator[None]:
         examples = getattr(request.node, "dtest", None)
         if examples is None:
+            yield
             return
         text = examples.docstring or ""
         monkeypatch = request.getfixturevalue("monkeypatch")
@@ -54,6 +56,10 @@ class DoctestEnvironment:
             from optlite.train import make_accelerator
 
             doctest_namespace["accelerator"] = make_accelerator()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny models gain nothing from a second thread; on shared cores it costs 20-50x
+        yield
+        torch.set_num_threads(threads)
 
 
 @functools.cache

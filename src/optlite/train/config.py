@@ -130,8 +130,11 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     names to values, such as configs/train/opt-125m-clm.yaml. Flags on the command line win over the recipe.
 
     Example:
-        >>> recipe = "configs/train/opt-125m-clm.yaml"
-        >>> args = parse_with_recipe(parser, ["--config", recipe, "--seed", "3"])  # doctest: +SKIP
+        >>> _ = Path("recipe.yaml").write_text("output_dir: out\\nlearning_rate: 3.0e-4\\nseed: 1\\n")
+        >>> parser = add_train_args(argparse.ArgumentParser())
+        >>> args = parse_with_recipe(parser, ["--config", "recipe.yaml", "--seed", "3"], required=["output_dir"])
+        >>> args.learning_rate, args.seed
+        (0.0003, 3)
     """
     parser.add_argument("--config", default=None, help="a recipe (.yaml / .json) of flag values; flags win over it")
     known, _ = parser.parse_known_args(argv)

@@ -34,8 +34,9 @@ class Records:
     """The rows of a csv / jsonl / json file and where each came from, for error messages.
 
     Example:
-        >>> recs = read_records("train.csv", ["text", "label"])  # doctest: +SKIP
-        >>> recs.column("label")[:2], recs.where(0)  # doctest: +SKIP
+        >>> _ = Path("train.csv").write_text("text,label\\ngreat film,pos\\ndull plot,neg\\n")
+        >>> recs = read_records("train.csv", ["text", "label"])
+        >>> recs.column("label")[:2], recs.where(0)
         (['pos', 'neg'], 'train.csv line 2')
     """
 
@@ -70,7 +71,8 @@ def read_records(path: str | Path | None, columns: Sequence[str], role: str = "t
     each checked to hold `columns`.
 
     Example:
-        >>> read_records("train.jsonl", ["text", "label"]).rows[0]  # doctest: +SKIP
+        >>> _ = Path("train.jsonl").write_text('{"text": "great film", "label": "pos"}\\n')
+        >>> read_records("train.jsonl", ["text", "label"]).rows[0]
         {'text': 'great film', 'label': 'pos'}
     """
     p = check_file(path, role)
@@ -94,7 +96,8 @@ def read_texts(path: str | Path | None, text_column: str = "text", keep_linebrea
     dropped), or the `text_column` of each row of .jsonl / .json / .csv.
 
     Example:
-        >>> read_texts("corpus.txt")[:2]  # doctest: +SKIP
+        >>> _ = Path("corpus.txt").write_text("First line.\\n\\nSecond line.\\n")
+        >>> read_texts("corpus.txt")[:2]
         ['First line.\\n', 'Second line.\\n']
     """
     p = check_file(path, role)
@@ -419,8 +422,9 @@ def classification_examples(records: Records, tokenizer: Any, labels: LabelMap, 
     """Tokenized {"input_ids", "label"} items, truncated to `max_length` tokens.
 
     Example:
-        >>> recs = read_records("train.csv", ["text", "label"])  # doctest: +SKIP
-        >>> classification_examples(recs, tok, LabelMap.infer(recs.column("label")))[0]  # doctest: +SKIP
+        >>> _ = Path("train.csv").write_text("text,label\\ngreat film,pos\\ndull plot,neg\\n")
+        >>> recs = read_records("train.csv", ["text", "label"])
+        >>> classification_examples(recs, tok, LabelMap.infer(recs.column("label")))[0]
         {'input_ids': [2, 12338, 822], 'label': 1}
     """
     texts = []

@@ -114,9 +114,9 @@ def make_accelerator(mixed_precision: str | None = None) -> Any:
     GPUs: accelerate treats such processes as one-process runs unless told cpu=True, which is passed here.
 
     Example:
-        >>> acc = make_accelerator("bf16")  # doctest: +SKIP
-        >>> acc.num_processes, acc.distributed_type  # doctest: +SKIP
-        (2, <DistributedType.MULTI_CPU: 'MULTI_CPU'>)
+        >>> acc = make_accelerator()  # under torchrun --nproc_per_node 2 on CPUs: 2, DistributedType.MULTI_CPU
+        >>> acc.num_processes, acc.distributed_type
+        (1, <DistributedType.NO: 'NO'>)
     """
     from accelerate import Accelerator
 

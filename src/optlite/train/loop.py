@@ -57,8 +57,8 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float 
     """AdamW without weight decay on biases and LayerNorm weights (run_clm's grouping); fused on CPU and CUDA.
 
     Example:
-        >>> opt = build_optimizer(model, 1e-4, weight_decay=0.1)  # doctest: +SKIP
-        >>> [g["weight_decay"] for g in opt.param_groups]  # doctest: +SKIP
+        >>> opt = build_optimizer(model, 1e-4, weight_decay=0.1)
+        >>> [g["weight_decay"] for g in opt.param_groups]
         [0.1, 0.0]
     """
     decay, no_decay = [], []
@@ -155,7 +155,11 @@ def train_step(accelerator: Any, model: nn.Module, optimizer: torch.optim.Optimi
     k means (what `loss / k` does) gets wrong.
 
     Example:
-        >>> stats = train_step(accelerator, model, optimizer, [batch_a, batch_b])  # doctest: +SKIP
+        >>> from optlite.train import CausalLMCollator
+        >>> batch_a, batch_b = (CausalLMCollator(1)([{"input_ids": tok(t).input_ids}]) for t in ("Hello there", "Hi"))
+        >>> stats = train_step(accelerator, model, build_optimizer(model, 1e-4), [batch_a, batch_b])
+        >>> stats.items, stats.micro_batches  # label tokens: 2 + 1
+        (3, 2)
     """
     counts = torch.tensor([[count_loss_items(b), _num_tokens(b)] for b in micro_batches], dtype=torch.float64)
     totals = counts.sum(0).to(accelerator.device)
@@ -216,8 +220,11 @@ def evaluate(accelerator: Any, model: nn.Module, dataset: Any, collate_fn: Calla
     """Run `model` over `dataset` (split across processes) and return `metric`'s values, reduced over processes.
 
     Example:
-        >>> evaluate(accelerator, model, eval_blocks, CausalLMCollator(1), 8, Perplexity())  # doctest: +SKIP
-        {'eval_loss': 3.2, 'perplexity': 24.5, 'eval_tokens': 40960}
+        >>> from optlite.train import CausalLMCollator, TokenBlocks
+        >>> from optlite.train.metrics import Perplexity
+        >>> eval_blocks = TokenBlocks.from_texts(["Hello there.\\n"] * 20, tok, block_size=16)
+        >>> sorted(evaluate(accelerator, model, eval_blocks, CausalLMCollator(1), 8, Perplexity()))
+        ['eval_loss', 'eval_tokens', 'perplexity']
     """
     was_training = model.training
     model.eval()
@@ -258,8 +265,11 @@ def check_output_dir(config: TrainConfig) -> None:
     unless the run resumes or config.overwrite_output_dir is set; with it, metrics.jsonl starts over.
 
     Example:
-        >>> check_output_dir(TrainConfig("out"))  # doctest: +SKIP
-        InputError: output_dir out already holds files (...): pass --overwrite_output_dir to train into it anew, ...
+        >>> Path("out").mkdir()
+        >>> _ = Path("out/metrics.jsonl").write_text("{}\\n")
+        >>> check_output_dir(TrainConfig("out"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        optlite.train.data.InputError: output_dir out already holds files (metrics.jsonl): pass ...
     """
     out = Path(config.output_dir)
     if config.resume_from_checkpoint or not out.is_dir():
@@ -279,7 +289,10 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
     incomplete or corrupt one, such as a write cut short, is skipped with a warning that names it).
 
     Example:
-        >>> resolve_checkpoint("latest", "out")  # doctest: +SKIP
+        >>> for step in (200, 400):
+        ...     Path(f"out/step_{step}").mkdir(parents=True)
+        ...     _ = Path(f"out/step_{step}/trainer_state.json").write_text(f'{{"completed_steps": {step}}}')
+        >>> resolve_checkpoint("latest", "out")
         PosixPath('out/step_400')
     """
     if spec != "latest":
@@ -316,7 +329,11 @@ def checkpoint_problem(path: Path) -> str | None:
     write did not finish), or a file missing or of another size than when it was written.
 
     Example:
-        >>> checkpoint_problem(Path("out/step_6"))  # doctest: +SKIP
+        >>> Path("out/step_6").mkdir(parents=True)
+        >>> _ = Path("out/step_6/optimizer.bin").write_bytes(bytes(1024))
+        >>> state = {"completed_steps": 6, "files": {"optimizer.bin": 5187}}
+        >>> _ = Path("out/step_6/trainer_state.json").write_text(json.dumps(state))
+        >>> checkpoint_problem(Path("out/step_6"))
         'optimizer.bin has 1024 bytes, 5187 were written'
     """
     if not path.is_dir():
@@ -344,7 +361,10 @@ def save_model(accelerator: Any, model: nn.Module, output_dir: str | Path, token
     the tokenizer into output_dir, from the main process. Collective: every process must call it.
 
     Example:
-        >>> save_model(result.accelerator, result.model, "out", tok)  # doctest: +SKIP
+        >>> save_model(accelerator, model, "out", tok)  # after train(): result.accelerator, result.model
+        >>> sorted(p.name for p in Path("out").iterdir())
+        ['config.json', 'generation_config.json', 'merges.txt', 'model.safetensors', 'special_tokens_map.json',
+         'tokenizer.json', 'tokenizer_config.json', 'vocab.json']
     """
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -365,8 +385,9 @@ def param_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter's name and bytes: equal digests mean bit-identical weights.
 
     Example:
-        >>> param_digest(model)[:12]  # doctest: +SKIP
-        '3f9a0c1e77b2'
+        >>> import copy
+        >>> param_digest(model) == param_digest(copy.deepcopy(model))
+        True
     """
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
@@ -408,9 +429,18 @@ def train(model: nn.Module, train_dataset: Any, collate_fn: Callable, config: Tr
     tokenizer into output_dir. One Accelerator per call (accelerate keeps what each one prepared).
 
     Example:
-        >>> cfg = TrainConfig("out", max_train_steps=200, checkpointing_steps=50, gradient_accumulation_steps=4)
-        >>> train(model, blocks, CausalLMCollator(1), cfg, eval_dataset=eval_blocks,
-        ...       metric_factory=Perplexity, tokenizer=tok)  # doctest: +SKIP
+        >>> from optlite.train import CausalLMCollator, TokenBlocks
+        >>> from optlite.train.metrics import Perplexity
+        >>> blocks = TokenBlocks.from_texts(["Hello there.\\n"] * 40, tok, block_size=16)
+        >>> eval_blocks = TokenBlocks.from_texts(["Hi there.\\n"] * 20, tok, block_size=16)
+        >>> cfg = TrainConfig("out", max_train_steps=4, checkpointing_steps=2, gradient_accumulation_steps=2,
+        ...                   per_device_train_batch_size=4)
+        >>> result = train(model, blocks, CausalLMCollator(1), cfg, eval_dataset=eval_blocks,
+        ...                metric_factory=Perplexity, tokenizer=tok)  # doctest: +ELLIPSIS
+        step 2: eval_loss ..., eval_tokens 90
+        step 4: eval_loss ..., eval_tokens 90
+        >>> result.state.completed_steps, sorted(p.name for p in Path("out").glob("step_*"))
+        (4, ['step_2', 'step_4'])
     """
     if len(train_dataset) == 0:
         raise InputError("the training set is empty")

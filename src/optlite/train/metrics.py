@@ -46,9 +46,12 @@ class Perplexity:
     """Token-weighted eval loss of a causal LM and its exp, the perplexity.
 
     Example:
-        >>> metrics = evaluate(accelerator, model, blocks, collate, 8, Perplexity())  # doctest: +SKIP
-        >>> metrics  # doctest: +SKIP
-        {'eval_loss': 3.21, 'perplexity': 24.8, 'eval_tokens': 16320}
+        >>> from optlite.train import CausalLMCollator, TokenBlocks
+        >>> from optlite.train.loop import evaluate
+        >>> blocks = TokenBlocks.from_texts(["Hello there.\\n"] * 20, tok, block_size=16)
+        >>> metrics = evaluate(accelerator, model, blocks, CausalLMCollator(tok.pad_token_id), 8, Perplexity())
+        >>> metrics["eval_tokens"], math.isclose(metrics["perplexity"], math.exp(metrics["eval_loss"]))
+        (90, True)
     """
 
     def __init__(self) -> None:
@@ -71,8 +74,14 @@ class Accuracy:
     """Mean cross-entropy and accuracy of a single-label classifier.
 
     Example:
-        >>> evaluate(accelerator, model, examples, collate, 32, Accuracy())  # doctest: +SKIP
-        {'eval_loss': 0.41, 'accuracy': 0.87, 'eval_examples': 872}
+        >>> from optlite import OPTConfig, OPTForSequenceClassification
+        >>> from optlite.train import ClassificationCollator
+        >>> from optlite.train.loop import evaluate
+        >>> classifier = OPTForSequenceClassification(OPTConfig.from_preset("opt-tiny", num_labels=2))
+        >>> examples = [{"input_ids": tok("great film").input_ids, "label": 1}, {"input_ids": [2, 7], "label": 0}]
+        >>> metrics = evaluate(accelerator, classifier, examples, ClassificationCollator(1), 32, Accuracy())
+        >>> sorted(metrics), metrics["eval_examples"]
+        (['accuracy', 'eval_examples', 'eval_loss'], 2)
     """
 
     def __init__(self) -> None:

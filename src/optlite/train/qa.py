@@ -2,9 +2,10 @@
 token span, decoding the best span from start/end logits, and exact match / F1 with SQuAD's normalisation.
 
 Example:
-    >>> examples = read_squad("dev-v1.1.json")  # doctest: +SKIP
-    >>> features = qa_features(examples, tok, max_length=384, doc_stride=128)  # doctest: +SKIP
-    >>> metric = SquadMetric(examples, features, max_answer_length=30)  # doctest: +SKIP
+    >>> answer = {"text": "Meta AI", "answer_start": 20}
+    >>> examples = [QAExample("q1", "Who released OPT?", "OPT was released by Meta AI.", [answer])]  # or read_squad
+    >>> features = qa_features(examples, tok, max_length=384, doc_stride=128)
+    >>> metric = SquadMetric(examples, features, max_answer_length=30)
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def read_squad(path: str | Path | None, role: str = "train file") -> list[QAExam
     answer checked to sit at its answer_start in the context.
 
     Example:
-        >>> read_squad("dev-v1.1.json")[0].answers  # doctest: +SKIP
-        [{'text': 'Denver Broncos', 'answer_start': 177}, ...]
+        >>> answer = {"text": "Meta AI", "answer_start": 20}
+        >>> question = {"id": "q1", "question": "Who released OPT?", "answers": [answer]}
+        >>> squad = {"data": [{"paragraphs": [{"context": "OPT was released by Meta AI.", "qas": [question]}]}]}
+        >>> _ = Path("dev-v1.1.json").write_text(json.dumps(squad))
+        >>> read_squad("dev-v1.1.json")[0].answers
+        [{'text': 'Meta AI', 'answer_start': 20}]
     """
     p = check_file(path, role)
     try:
@@ -107,9 +112,13 @@ def qa_features(examples: Sequence[QAExample], tokenizer: Any, max_length: int =
     target in the window that holds it whole, (0, 0) elsewhere and for unanswerable questions.
 
     Example:
-        >>> feats = qa_features(read_squad("train.json"), tok, max_length=256, doc_stride=64)  # doctest: +SKIP
-        >>> feats[0].keys()  # doctest: +SKIP
+        >>> answer = {"text": "Meta AI", "answer_start": 20}
+        >>> examples = [QAExample("q1", "Who released OPT?", "OPT was released by Meta AI.", [answer])]
+        >>> feats = qa_features(examples, tok, max_length=256, doc_stride=64)
+        >>> feats[0].keys()
         dict_keys(['input_ids', 'start_positions', 'end_positions', 'feature_index'])
+        >>> tok.decode(feats[0]["input_ids"][feats[0]["start_positions"] : feats[0]["end_positions"] + 1])
+        ' Meta AI'
     """
     if doc_stride >= max_length - max_question_length - 2:
         raise InputError(f"doc_stride {doc_stride} must be smaller than max_seq_length {max_length} minus the "
@@ -175,9 +184,16 @@ class SquadMetric:
     when its score (start and end on the first token) beats every span.
 
     Example:
-        >>> metric = SquadMetric(examples, features, max_answer_length=30)  # doctest: +SKIP
-        >>> evaluate(accelerator, model, features, QACollator(1), 16, metric)  # doctest: +SKIP
-        {'eval_loss': 1.2, 'exact_match': 71.3, 'f1': 80.4, 'eval_examples': 10570}
+        >>> from optlite import OPTConfig, OPTForQuestionAnswering
+        >>> from optlite.train import QACollator
+        >>> from optlite.train.loop import evaluate
+        >>> answer = {"text": "Meta AI", "answer_start": 20}
+        >>> examples = [QAExample("q1", "Who released OPT?", "OPT was released by Meta AI.", [answer])]
+        >>> features = qa_features(examples, tok)
+        >>> metric = SquadMetric(examples, features, max_answer_length=30)
+        >>> qa_model = OPTForQuestionAnswering(OPTConfig.from_preset("opt-tiny"))
+        >>> sorted(evaluate(accelerator, qa_model, features, QACollator(1), 16, metric))
+        ['eval_examples', 'eval_loss', 'exact_match', 'f1']
     """
 
     def __init__(self, examples: Sequence[QAExample], features: QAFeatures, max_answer_length: int = 30,
