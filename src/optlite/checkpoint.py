@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import OPTConfig, subfolder_file
+from .config import OPTConfig
 from .generation import CONFIG_FILE as GENERATION_CONFIG_NAME  # the name is GenerationConfig's
-from .hub import describe, resolve_file
+from .hub import Source
 
 logger = logging.getLogger(__name__)
 
@@ -97,29 +97,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Finding the files
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a checkpoint lives (local directory or hub repo id) and how to reach the hub."""
-
-    name_or_path: str | os.PathLike | None  # None: the weights come as a state_dict
-    revision: str | None = None
-    cache_dir: str | os.PathLike | None = None
-    local_files_only: bool = False
-    token: str | bool | None = None
-    subfolder: str = ""  # the checkpoint sits in this folder of the directory or repo
-
-    def file(self, filename: str, required: bool = True) -> Path | None:
-        return resolve_file(self.name_or_path, subfolder_file(self.subfolder, filename), revision=self.revision,
-                            cache_dir=self.cache_dir, local_files_only=self.local_files_only, token=self.token,
-                            required=required)
-
-    def __str__(self) -> str:
-        if self.name_or_path is None:
-            return "the state_dict passed"
-        where = describe(self.name_or_path, self.revision)
-        return f"{where}, subfolder {self.subfolder!r}" if self.subfolder else where
 
 
 @dataclass
@@ -663,9 +640,7 @@ def _config_for_load(source: Source, config: OPTConfig | None, state_dict: dict 
                              "weights); pass a checkpoint directory or hub repo id otherwise")
         return config
     if config is None:
-        return OPTConfig.from_pretrained(source.name_or_path, revision=source.revision, cache_dir=source.cache_dir,
-                                         local_files_only=source.local_files_only, token=source.token,
-                                         subfolder=source.subfolder, **overrides)
+        return OPTConfig.from_source(source, **overrides)
     config.name_or_path = str(source.name_or_path)
     return config
 

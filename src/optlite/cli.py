@@ -202,9 +202,10 @@ def run_score(args: argparse.Namespace) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from .checkpoint import Source, find_checkpoint, scan_shards
+    from .checkpoint import find_checkpoint, scan_shards
     from .config import OPTConfig, preset_name
     from .heads import OPTForCausalLM
+    from .hub import Source
 
     preset = preset_name(args.model)
     config = OPTConfig.from_preset(preset) if preset else OPTConfig.from_pretrained(args.model)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .activations import ACTIVATIONS
+from .hub import Source
 
 
 @dataclass
@@ -228,14 +229,23 @@ class OPTConfig:
             >>> cfg.word_embed_proj_dim, cfg.num_labels
             (512, 3)
         """
-        from .hub import resolve_file
+        return cls.from_source(Source(name_or_path, revision, cache_dir, local_files_only, token, subfolder),
+                               **overrides)
 
+    @classmethod
+    def from_source(cls, source: Source, **overrides: Any) -> OPTConfig:
+        """`from_pretrained` for a caller that holds a `Source` (the checkpoint's location and hub options).
+
+        Example:
+            >>> OPTConfig.from_source(Source("facebook/opt-350m")).do_layer_norm_before
+            False
+        """
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)} - {"extra"})
         if unknown:
             raise TypeError(f"unknown OPTConfig field(s) {', '.join(map(repr, unknown))} passed as config overrides")
+        name_or_path = source.name_or_path
         try:
-            path = resolve_file(name_or_path, subfolder_file(subfolder, "config.json"), revision=revision,
-                                cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+            path = source.file("config.json")
         except FileNotFoundError as e:
             short = str(name_or_path).removeprefix("facebook/")
             if str(name_or_path) == short and short in cls.preset_names():
@@ -283,13 +293,3 @@ def preset_name(name_or_path: str | os.PathLike) -> str | None:
     """
     name = str(name_or_path)
     return name if name in OPTConfig.preset_names() and not Path(name).exists() else None
-
-
-def subfolder_file(subfolder: str | None, filename: str) -> str:
-    """`filename` inside `subfolder` of a checkpoint ("" or None: at its top), as a path relative to its root."""
-    if not subfolder:
-        return filename
-    parts = Path(subfolder).parts
-    if Path(subfolder).is_absolute() or ".." in parts:
-        raise ValueError(f"subfolder must be a relative path inside the checkpoint, got {subfolder!r}")
-    return "/".join([*parts, filename])

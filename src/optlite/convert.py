@@ -12,7 +12,6 @@ import torch
 
 from .checkpoint import (
     CONFIG_NAME,
-    Source,
     build_on_meta,
     dtype_name,
     find_checkpoint,
@@ -24,6 +23,7 @@ from .checkpoint import (
     scan_shards,
 )
 from .config import OPTConfig
+from .hub import Source
 from .saving import ShardWriter, staged_directory, write_text
 
 # Files besides the weights that convert() copies along when the source has them.
@@ -56,8 +56,7 @@ def convert(
     from .modeling import OPTModel
 
     source = Source(src, revision, cache_dir, local_files_only, token)
-    config = OPTConfig.from_pretrained(src, revision=revision, cache_dir=cache_dir,
-                                       local_files_only=local_files_only, token=token)
+    config = OPTConfig.from_source(source)
     files = find_checkpoint(source, with_config=False)
     stored = scan_shards(files)
     classes = {c.__name__: c for c in (OPTModel, OPTForCausalLM, OPTForSequenceClassification,

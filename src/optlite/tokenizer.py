@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from .hub import resolve_file
+from .hub import Source
 
 # The special-token layout of every OPT checkpoint (and of tokenizers made by `OPTTokenizer.train`).
 OPT_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -178,16 +178,10 @@ class OPTTokenizer:
             'left'
         """
 
+        source = Source(name_or_path, revision, cache_dir, local_files_only, token)
+
         def find(filename: str, required: bool = False) -> Path | None:
-            return resolve_file(
-                name_or_path,
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-                required=required,
-            )
+            return source.file(filename, required)
 
         config = _read_json(find("tokenizer_config.json"))
         config.update(_read_json(find("special_tokens_map.json")))  # as in transformers, the map wins
