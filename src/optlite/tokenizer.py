@@ -26,21 +26,9 @@ from .hub import Source
 OPT_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 _DEFAULT_NAMED = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
 _NAMED_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
-_PADDING = {
-    False: None,
-    "do_not_pad": None,
-    True: "longest",
-    "longest": "longest",
-    "max_length": "max_length",
-}
-_TRUNCATION = {
-    False: None,
-    "do_not_truncate": None,
-    True: "longest_first",
-    "longest_first": "longest_first",
-    "only_first": "only_first",
-    "only_second": "only_second",
-}
+_PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
+_TRUNCATION = {False: None, "do_not_truncate": None, True: "longest_first", "longest_first": "longest_first",
+               "only_first": "only_first", "only_second": "only_second"}
 _HUGE = int(1e29)  # transformers stores "no limit" as model_max_length = int(1e30)
 
 TokenSpec = str | AddedToken
@@ -90,32 +78,15 @@ class OPTTokenizer:
     model_input_names = ["input_ids", "attention_mask"]  # what pad() fills in and data collators read
     is_fast = True  # a Rust `tokenizers` backend, as transformers' fast tokenizers
 
-    def __init__(
-        self,
-        backend: Tokenizer,
-        *,
-        bos_token: TokenSpec = "</s>",
-        eos_token: TokenSpec = "</s>",
-        unk_token: TokenSpec = "</s>",
-        pad_token: TokenSpec = "<pad>",
-        mask_token: TokenSpec | None = None,
-        additional_special_tokens: Sequence[TokenSpec] = (),
-        add_bos_token: bool | None = True,
-        add_eos_token: bool | None = False,
-        padding_side: str = "right",
-        truncation_side: str = "right",
-        model_max_length: int | None = None,
-        clean_up_tokenization_spaces: bool = False,
-        name_or_path: str = "",
-    ) -> None:
+    def __init__(self, backend: Tokenizer, *, bos_token: TokenSpec = "</s>", eos_token: TokenSpec = "</s>",
+                 unk_token: TokenSpec = "</s>", pad_token: TokenSpec = "<pad>", mask_token: TokenSpec | None = None,
+                 additional_special_tokens: Sequence[TokenSpec] = (), add_bos_token: bool | None = True,
+                 add_eos_token: bool | None = False, padding_side: str = "right", truncation_side: str = "right",
+                 model_max_length: int | None = None, clean_up_tokenization_spaces: bool = False,
+                 name_or_path: str = "") -> None:
         self._backend = backend
-        named = {
-            "bos_token": bos_token,
-            "eos_token": eos_token,
-            "unk_token": unk_token,
-            "pad_token": pad_token,
-            "mask_token": mask_token,
-        }
+        named = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token,
+                 "mask_token": mask_token}
         # Like transformers: the named special tokens become atomic added tokens; other vocab
         # entries such as OPT's `<s>`, `<unk>`, `<mask>` stay ordinary BPE pieces inside text.
         specials = [t for t in (*named.values(), *additional_special_tokens) if t is not None]
@@ -146,28 +117,17 @@ class OPTTokenizer:
         bos, eos = self.bos_token, self.eos_token
         single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
         pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-        ids = {
-            tok: self._backend.token_to_id(tok)
-            for tok in (bos if add_bos else None, eos if add_eos else None)
-            if tok is not None
-        }
-        self._backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=list(ids.items())
-        )
+        ids = {tok: self._backend.token_to_id(tok) for tok in (bos if add_bos else None, eos if add_eos else None)
+               if tok is not None}
+        self._backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                                     special_tokens=list(ids.items()))
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        **overrides: Any,
-    ) -> OPTTokenizer:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, **overrides: Any) -> OPTTokenizer:
         """Load from a local directory or a hub repo id (`tokenizer.json`, else `vocab.json` + `merges.txt`).
 
         `overrides` replace settings read from `tokenizer_config.json` (e.g. `padding_side="left"`).
@@ -190,14 +150,9 @@ class OPTTokenizer:
             backend = Tokenizer.from_file(str(tokenizer_json))
             flags = {k: config.get(k) for k in ("add_bos_token", "add_eos_token")}  # None: keep the file's
         else:
-            model = models.BPE.from_file(
-                str(find("vocab.json", True)), str(find("merges.txt", True)), **_BPE_ARGS
-            )
+            model = models.BPE.from_file(str(find("vocab.json", True)), str(find("merges.txt", True)), **_BPE_ARGS)
             backend = _byte_level(model, add_prefix_space=bool(config.get("add_prefix_space", False)))
-            flags = {
-                "add_bos_token": config.get("add_bos_token", True),
-                "add_eos_token": config.get("add_eos_token"),
-            }
+            flags = {"add_bos_token": config.get("add_bos_token", True), "add_eos_token": config.get("add_eos_token")}
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
         for entry in (config.get("added_tokens_decoder") or {}).values():  # tokens added after training
             token_obj = _added(entry)
@@ -214,15 +169,8 @@ class OPTTokenizer:
         return cls(backend, name_or_path=str(name_or_path), **{**_DEFAULT_NAMED, **kwargs})
 
     @classmethod
-    def train(
-        cls,
-        files_or_iterator: str | os.PathLike | Iterable[str],
-        vocab_size: int,
-        *,
-        min_frequency: int = 2,
-        show_progress: bool = False,
-        **kwargs: Any,
-    ) -> OPTTokenizer:
+    def train(cls, files_or_iterator: str | os.PathLike | Iterable[str], vocab_size: int, *, min_frequency: int = 2,
+              show_progress: bool = False, **kwargs: Any) -> OPTTokenizer:
         """Train a new byte-level BPE with OPT's layout (ids 0-3 = `<s>`, `<pad>`, `</s>`, `<unk>`).
 
         `files_or_iterator` is a file path, a list of file paths, or an iterable of texts.
@@ -234,16 +182,10 @@ class OPTTokenizer:
             ['<s>', '<pad>', '</s>', '<unk>']
         """
         if not isinstance(vocab_size, int) or vocab_size < len(OPT_SPECIAL_TOKENS) + 256:
-            raise ValueError(
-                f"vocab_size must be an int >= 260 (4 special tokens + 256 bytes), got {vocab_size!r}"
-            )
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            show_progress=show_progress,
-            special_tokens=list(OPT_SPECIAL_TOKENS),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
+            raise ValueError(f"vocab_size must be an int >= 260 (4 special tokens + 256 bytes), got {vocab_size!r}")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+                                      special_tokens=list(OPT_SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         scratch = _byte_level(models.BPE(**_BPE_ARGS))
         files = _as_files(files_or_iterator)
         if files is not None:
@@ -259,22 +201,11 @@ class OPTTokenizer:
 
     # ------------------------------------------------------------------ encoding
 
-    def __call__(
-        self,
-        text: str | Sequence[str],
-        text_pair: str | Sequence[str] | None = None,
-        *,
-        add_special_tokens: bool = True,
-        padding: bool | str = False,
-        truncation: bool | str | None = None,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_tensors: str | None = None,
-        return_attention_mask: bool = True,
-        stride: int = 0,
-        return_overflowing_tokens: bool = False,
-    ) -> BatchEncoding:
+    def __call__(self, text: str | Sequence[str], text_pair: str | Sequence[str] | None = None, *,
+                 add_special_tokens: bool = True, padding: bool | str = False, truncation: bool | str | None = None,
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+                 return_tensors: str | None = None, return_attention_mask: bool = True, stride: int = 0,
+                 return_overflowing_tokens: bool = False) -> BatchEncoding:
         """Tokenize one text or a batch, transformers-style: `input_ids` and `attention_mask`.
 
         `padding`: False, True / "longest", or "max_length" (needs `max_length`). `truncation`: True
@@ -294,9 +225,7 @@ class OPTTokenizer:
         if text_pair is not None:
             pairs = _check_texts(text_pair, "text_pair")
             if isinstance(text_pair, str) != single or len(pairs) != len(texts):
-                raise ValueError(
-                    f"text_pair must match text: got {len(pairs)} pair(s) for {len(texts)} text(s)"
-                )
+                raise ValueError(f"text_pair must match text: got {len(pairs)} pair(s) for {len(texts)} text(s)")
             inputs: list = list(zip(texts, pairs, strict=True))
         else:
             inputs = texts
@@ -332,17 +261,9 @@ class OPTTokenizer:
             _check_surrogates(inputs)  # the Rust side names neither the text nor the character
             raise
 
-    def encode(
-        self,
-        text: str,
-        text_pair: str | None = None,
-        *,
-        add_special_tokens: bool = True,
-        padding: bool | str = False,
-        truncation: bool | str | None = None,
-        max_length: int | None = None,
-        return_tensors: str | None = None,
-    ) -> list[int] | torch.Tensor:
+    def encode(self, text: str, text_pair: str | None = None, *, add_special_tokens: bool = True,
+               padding: bool | str = False, truncation: bool | str | None = None, max_length: int | None = None,
+               return_tensors: str | None = None) -> list[int] | torch.Tensor:
         """Ids of one text (a `(1, T)` tensor with `return_tensors="pt"`).
 
         Example:
@@ -350,33 +271,14 @@ class OPTTokenizer:
             [2, 713, 16, 10, 1296]
         """
         if not isinstance(text, str):
-            raise TypeError(
-                f"encode takes one string, got {type(text).__name__}; call the tokenizer for batches"
-            )
-        return self(
-            text,
-            text_pair,
-            add_special_tokens=add_special_tokens,
-            padding=padding,
-            truncation=truncation,
-            max_length=max_length,
-            return_tensors=return_tensors,
-            return_attention_mask=False,
-        )["input_ids"]
+            raise TypeError(f"encode takes one string, got {type(text).__name__}; call the tokenizer for batches")
+        return self(text, text_pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                    max_length=max_length, return_tensors=return_tensors, return_attention_mask=False)["input_ids"]
 
     def _configure(self, padding: Any, truncation: Any, max_length: Any, multiple: Any, side: Any,
                    stride: int = 0) -> None:
         """Validate the call's options and set them on the Rust tokenizer (only when they change)."""
-        if not (isinstance(padding, (bool, str)) and padding in _PADDING):
-            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
-        if truncation is not None and not (isinstance(truncation, (bool, str)) and truncation in _TRUNCATION):
-            raise ValueError(
-                f"truncation must be a bool, 'longest_first', 'only_first' or 'only_second', "
-                f"got {truncation!r}"
-            )
-        for name, value in (("max_length", max_length), ("pad_to_multiple_of", multiple)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        _check_options(padding, truncation, max_length, multiple)
         side = self.padding_side if side is None else side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
@@ -384,61 +286,48 @@ class OPTTokenizer:
         if truncation is None:  # transformers: max_length alone (no padding) switches truncation on
             truncation = max_length is not None and pad_mode is None
         strategy = _TRUNCATION[truncation]
-        if max_length is None and (strategy or pad_mode == "max_length"):
-            max_length = self.model_max_length
-            if max_length is None and pad_mode == "max_length":
-                raise ValueError(
-                    "padding='max_length' needs max_length (this tokenizer has no model_max_length)"
-                )
-        if strategy and max_length is not None and stride >= max_length:
-            raise ValueError(f"stride ({stride}) must be smaller than max_length ({max_length})")
-        if strategy and pad_mode and multiple and max_length and max_length % multiple:
-            raise ValueError(
-                f"max_length ({max_length}) must be a multiple of pad_to_multiple_of ({multiple})"
-            )
-        if pad_mode == "longest" and strategy is None:
-            max_length = None  # transformers ignores max_length for padding=True without truncation
-
-        backend = self._backend
+        max_length = self._length_limit(max_length, pad_mode, strategy, multiple, stride)
         want_trunc = None
         if strategy and max_length is not None:
-            want_trunc = {
-                "max_length": max_length,
-                "stride": stride,
-                "strategy": strategy,
-                "direction": self.truncation_side,
-            }
+            want_trunc = {"max_length": max_length, "stride": stride, "strategy": strategy,
+                          "direction": self.truncation_side}
+        want_pad = None
+        if pad_mode is not None:
+            if self.pad_token_id is None:
+                raise ValueError("padding needs a pad_token, and this tokenizer has none")
+            want_pad = {"length": max_length if pad_mode == "max_length" else None, "pad_to_multiple_of": multiple,
+                        "pad_id": self.pad_token_id, "pad_token": self.pad_token, "pad_type_id": 0, "direction": side}
+        backend = self._backend
         if backend.truncation != want_trunc:
             if want_trunc is None:
                 backend.no_truncation()
             else:
                 backend.enable_truncation(**want_trunc)
-        want_pad = None
-        if pad_mode is not None:
-            if self.pad_token_id is None:
-                raise ValueError("padding needs a pad_token, and this tokenizer has none")
-            want_pad = {
-                "length": max_length if pad_mode == "max_length" else None,
-                "pad_to_multiple_of": multiple,
-                "pad_id": self.pad_token_id,
-                "pad_token": self.pad_token,
-                "pad_type_id": 0,
-                "direction": side,
-            }
         if backend.padding != want_pad:
             if want_pad is None:
                 backend.no_padding()
             else:
                 backend.enable_padding(**want_pad)
 
+    def _length_limit(self, max_length: int | None, pad_mode: str | None, strategy: str | None,
+                      multiple: int | None, stride: int) -> int | None:
+        """The max_length a call truncates or pads to: the given one, else model_max_length when needed."""
+        if max_length is None and (strategy or pad_mode == "max_length"):
+            max_length = self.model_max_length
+            if max_length is None and pad_mode == "max_length":
+                raise ValueError("padding='max_length' needs max_length (this tokenizer has no model_max_length)")
+        if strategy and max_length is not None and stride >= max_length:
+            raise ValueError(f"stride ({stride}) must be smaller than max_length ({max_length})")
+        if strategy and pad_mode and multiple and max_length and max_length % multiple:
+            raise ValueError(f"max_length ({max_length}) must be a multiple of pad_to_multiple_of ({multiple})")
+        if pad_mode == "longest" and strategy is None:
+            return None  # transformers ignores max_length for padding=True without truncation
+        return max_length
+
     # ------------------------------------------------------------------ decoding
 
-    def decode(
-        self,
-        token_ids: int | Sequence[int] | torch.Tensor,
-        skip_special_tokens: bool = False,
-        clean_up_tokenization_spaces: bool | None = None,
-    ) -> str:
+    def decode(self, token_ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
         """Text of one sequence of ids (list, tuple or 1-D tensor).
 
         `clean_up_tokenization_spaces` defaults to the tokenizer's setting (False for OPT, as in
@@ -459,17 +348,12 @@ class OPTTokenizer:
             raise
         return self._clean(text, clean_up_tokenization_spaces)
 
-    def batch_decode(
-        self,
-        sequences: Sequence[Sequence[int]] | torch.Tensor,
-        skip_special_tokens: bool = False,
-        clean_up_tokenization_spaces: bool | None = None,
-    ) -> list[str]:
+    def batch_decode(self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
         """Texts of several sequences of ids (list of lists or 2-D tensor).
 
         Example:
-            >>> tok.batch_decode(tok(["Hi", "Hello there"], padding=True).input_ids,
-            ...                  skip_special_tokens=True)
+            >>> tok.batch_decode(tok(["Hi", "Hello there"], padding=True).input_ids, skip_special_tokens=True)
             ['Hi', 'Hello there']
         """
         rows = [_id_list(row) for row in _id_list(sequences)]
@@ -497,9 +381,8 @@ class OPTTokenizer:
             return self.unk_token_id if found is None else found
         return [self.convert_tokens_to_ids(t) for t in tokens]
 
-    def convert_ids_to_tokens(
-        self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False
-    ) -> str | list[str]:
+    def convert_ids_to_tokens(self, ids: int | Sequence[int] | torch.Tensor,
+                              skip_special_tokens: bool = False) -> str | list[str]:
         """Token string of an id (or of each id), e.g. `5 -> "Ġthe"`."""
         ids = _id_list(ids)
         try:
@@ -548,24 +431,15 @@ class OPTTokenizer:
         return [self._backend.token_to_id(t) for t in self.all_special_tokens]
 
     def __repr__(self) -> str:
-        return (
-            f"OPTTokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
-            f"bos/eos={self.bos_token!r}, pad={self.pad_token!r}, padding_side={self.padding_side!r})"
-        )
+        return (f"OPTTokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+                f"bos/eos={self.bos_token!r}, pad={self.pad_token!r}, padding_side={self.padding_side!r})")
 
     # ------------------------------------------------------------------ padding encoded inputs
 
-    def pad(
-        self,
-        encoded_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-        padding: bool | str = True,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-        return_tensors: str | None = None,
-        verbose: bool = True,
-    ) -> BatchEncoding:
+    def pad(self, encoded_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], padding: bool | str = True,
+            max_length: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+            return_attention_mask: bool | None = None, return_tensors: str | None = None,
+            verbose: bool = True) -> BatchEncoding:
         """Pad already-encoded inputs, as transformers' `tokenizer.pad` (what its data collators call): a list of
         examples (`[{"input_ids": [...], ...}, ...]`) or one dict of lists. `input_ids` get the pad id, an
         `attention_mask` (made if absent) 0, `token_type_ids` 0 and `special_tokens_mask` 1; other keys are kept.
@@ -628,9 +502,7 @@ class OPTTokenizer:
             tokenizer_json = self._backend.to_str(pretty=True)
         named = {key: self._token_entry(getattr(self, key)) for key in _NAMED_KEYS if getattr(self, key)}
         if self.additional_special_tokens:
-            named["additional_special_tokens"] = [
-                self._token_entry(t) for t in self.additional_special_tokens
-            ]
+            named["additional_special_tokens"] = [self._token_entry(t) for t in self.additional_special_tokens]
         config: dict[str, Any] = {
             "tokenizer_class": "GPT2Tokenizer",  # transformers' class for OPT; no config.json needed
             "add_prefix_space": False,
@@ -654,40 +526,26 @@ class OPTTokenizer:
 
         with tempfile.TemporaryDirectory(prefix=".tmp-", dir=target) as scratch:
             self._backend.model.save(scratch)  # vocab.json + merges.txt
-            files: dict[str, Any] = {
-                "tokenizer.json": tokenizer_json,
-                "vocab.json": lambda p: shutil.copyfile(Path(scratch, "vocab.json"), p),
-                "merges.txt": lambda p: shutil.copyfile(Path(scratch, "merges.txt"), p),
-                "tokenizer_config.json": _json_text(config),
-                "special_tokens_map.json": _json_text(named),
-            }
+            files: dict[str, Any] = {"tokenizer.json": tokenizer_json,
+                                     "vocab.json": lambda p: shutil.copyfile(Path(scratch, "vocab.json"), p),
+                                     "merges.txt": lambda p: shutil.copyfile(Path(scratch, "merges.txt"), p),
+                                     "tokenizer_config.json": _json_text(config),
+                                     "special_tokens_map.json": _json_text(named)}
             return [atomic_write(target / name, content) for name, content in files.items()]
 
     def _token_entry(self, content: str, token: AddedToken | None = None) -> dict[str, Any]:
-        token = (
-            token
-            or self._special_flags.get(content)
-            or self._backend.get_added_tokens_decoder().get(self._backend.token_to_id(content))
-            or AddedToken(content, special=True, normalized=True)
-        )
-        return {
-            "content": content,
-            "single_word": token.single_word,
-            "lstrip": token.lstrip,
-            "rstrip": token.rstrip,
-            "normalized": token.normalized,
-        }
+        token = (token or self._special_flags.get(content)
+                 or self._backend.get_added_tokens_decoder().get(self._backend.token_to_id(content))
+                 or AddedToken(content, special=True, normalized=True))
+        return {"content": content, "single_word": token.single_word, "lstrip": token.lstrip, "rstrip": token.rstrip,
+                "normalized": token.normalized}
 
 
 # ---------------------------------------------------------------------- helpers
 
 # transformers' GPT2Tokenizer builds its BPE with exactly these options.
-_BPE_ARGS: dict[str, Any] = {
-    "dropout": None,
-    "continuing_subword_prefix": "",
-    "end_of_word_suffix": "",
-    "fuse_unk": False,
-}
+_BPE_ARGS: dict[str, Any] = {"dropout": None, "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                             "fuse_unk": False}
 
 
 def _byte_level(model: models.BPE, add_prefix_space: bool = False) -> Tokenizer:
@@ -732,6 +590,18 @@ def _check_surrogates(inputs: list) -> None:
                                      "Unicode: decode the bytes with errors='replace' (or remove it) first")
 
 
+def _check_options(padding: Any, truncation: Any, max_length: Any, multiple: Any) -> None:
+    """A ValueError naming the padding / truncation option a tokenizer call cannot take."""
+    if not (isinstance(padding, (bool, str)) and padding in _PADDING):
+        raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+    if truncation is not None and not (isinstance(truncation, (bool, str)) and truncation in _TRUNCATION):
+        raise ValueError(f"truncation must be a bool, 'longest_first', 'only_first' or 'only_second', "
+                         f"got {truncation!r}")
+    for name, value in (("max_length", max_length), ("pad_to_multiple_of", multiple)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
 def _check_ids(ids: list, vocab: int) -> None:
     """A ValueError naming a token id that cannot be decoded (negative, or too large for the Rust side)."""
     for i in ids:
@@ -757,11 +627,8 @@ def _as_files(source: Any) -> list[str | os.PathLike] | None:
         if not os.path.isfile(source):
             raise FileNotFoundError(f"training file {str(source)!r} not found (pass a list for texts)")
         return [source]
-    if (
-        isinstance(source, (list, tuple))
-        and source
-        and all(isinstance(s, os.PathLike) or (isinstance(s, str) and os.path.isfile(s)) for s in source)
-    ):
+    if isinstance(source, (list, tuple)) and source and \
+            all(isinstance(s, os.PathLike) or (isinstance(s, str) and os.path.isfile(s)) for s in source):
         return list(source)
     return None
 
@@ -773,10 +640,8 @@ def _id_list(ids: Any) -> Any:
 
 def _to_tensor(rows: list[list[int]], key: str) -> torch.Tensor:
     if len({len(r) for r in rows}) > 1:
-        raise ValueError(
-            f"cannot make one tensor of {key} with lengths {sorted({len(r) for r in rows})}: "
-            "pass padding=True (or truncation with max_length) to get equal lengths"
-        )
+        raise ValueError(f"cannot make one tensor of {key} with lengths {sorted({len(r) for r in rows})}: "
+                         "pass padding=True (or truncation with max_length) to get equal lengths")
     if not rows:
         return torch.zeros((0, 0), dtype=torch.long)
     try:  # numpy turns nested lists into an array ~3x faster than torch.tensor does
