@@ -58,9 +58,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or written as asked; the message names the file, shard or key."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Small parsers
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------------- small parsers
 
 
 def parse_size(size: int | str) -> int:
@@ -94,9 +92,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Finding the files
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- finding the files
 
 
 @dataclass
@@ -170,9 +166,7 @@ def _resolve_shard(source: Source, name: str, index: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reading shards
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------- reading shards
 
 
 @dataclass(frozen=True)
@@ -326,9 +320,7 @@ def open_shard(path: Path, fmt: str) -> SafetensorsShard | BinShard:
     return SafetensorsShard(path) if fmt == "safetensors" else BinShard(path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Key mapping and the load plan
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- key mapping and the load plan
 
 
 def canonical_key(key: str) -> str:
@@ -448,9 +440,7 @@ def plan_load(model: nn.Module, stored: dict[str, tuple[TensorInfo, int]], files
     return LoadPlan(assign, init, report)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Placing tensors into the model
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- placing tensors into the model
 
 
 def set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -513,9 +503,7 @@ def _lm_head_matches(files: CheckpointFiles, lm_head: tuple[str, int], embed: tu
     return equal
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# device_map (accelerate, imported only here)
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------- device_map (accelerate, imported only here)
 
 
 def plan_device_map(model: nn.Module, device_map: str | dict | int | torch.device, max_memory: dict | None,
@@ -560,9 +548,7 @@ def _as_device(device: Any) -> torch.device | str:
     return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# from_pretrained
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------ from_pretrained
 
 
 def load_pretrained(

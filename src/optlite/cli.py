@@ -125,7 +125,7 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: MODEL; for a preset facebook/NAME)")
 
 
-# ---- loading ----
+# -------------------------------------------------------------------------------------------------------------- loading
 
 
 def load(args: argparse.Namespace):
@@ -146,7 +146,7 @@ def load(args: argparse.Namespace):
     return model, tokenizer
 
 
-# ---- commands ----
+# ------------------------------------------------------------------------------------------------------------- commands
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

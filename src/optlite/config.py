@@ -145,7 +145,7 @@ class OPTConfig:
             raise ValueError(f"OPTConfig.problem_type {self.problem_type!r} is not one of regression, "
                              "single_label_classification, multi_label_classification")
 
-    # ---- dict / JSON ----
+    # ------------------------------------------------------------------------------------------------------ dict / JSON
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> OPTConfig:
@@ -212,7 +212,7 @@ class OPTConfig:
 
         atomic_write(path, self.to_json_string())
 
-    # ---- config.json in a directory or hub repo ----
+    # --------------------------------------------------------------------------- config.json in a directory or hub repo
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
@@ -265,7 +265,7 @@ class OPTConfig:
         self.to_json_file(path)
         return path
 
-    # ---- presets ----
+    # ---------------------------------------------------------------------------------------------------------- presets
 
     @staticmethod
     def preset_names() -> list[str]:

@@ -56,9 +56,7 @@ __all__ = [  # the names this module has always offered, wherever they live now
     "resolve_config", "sample_token", "suppress_eos", "top_continuations", "top_k_filter", "top_p_filter",
 ]
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------- settings
 
 # transformers 5.23's model-agnostic defaults (GenerationConfig._get_default_generation_params), for the fields here.
 DEFAULTS: dict[str, Any] = dict(
@@ -426,9 +424,7 @@ def stopping_criteria_for(cfg: GenerationConfig, tokenizer: Any,
     return criteria
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The generate call: inputs checked, the decode state built, the search run
-# ---------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------- the generate call: inputs checked, the decode state built, the search run
 
 
 @dataclass
@@ -693,9 +689,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
     return (_search.beam_search if cfg.num_beams > 1 else _search.sample)(state, search, embeds)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Strings in, strings out
-# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- strings in, strings out
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str | Sequence[str],

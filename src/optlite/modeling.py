@@ -258,7 +258,7 @@ class OPTPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    # ---- weights ----
+    # ---------------------------------------------------------------------------------------------------------- weights
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -347,7 +347,7 @@ class OPTPreTrainedModel(nn.Module):
         return sum(p.numel() for p in self.parameters()
                    if id(p) not in skip and (p.requires_grad or not only_trainable))
 
-    # ---- gradient checkpointing ----
+    # ------------------------------------------------------------------------------------------- gradient checkpointing
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
                                       every_n_layers: int = 1, offload: bool = False) -> None:
@@ -387,7 +387,7 @@ class OPTPreTrainedModel(nn.Module):
 
     is_activation_checkpointing = is_gradient_checkpointing
 
-    # ---- loading and saving (the work is in checkpoint.py and saving.py) ----
+    # -------------------------------------------------- loading and saving (the work is in checkpoint.py and saving.py)
 
     @classmethod
     def from_pretrained(

@@ -23,9 +23,7 @@ from .stopping import StoppingCriterion, stopped
 NEG = -1.0e9  # beam search's "impossible": -inf arithmetic could bring NaNs
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Outputs (transformers' classes of the same names, fields in the same order)
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------ outputs (transformers' classes of the same names, fields in the same order)
 
 
 @dataclass
@@ -83,9 +81,7 @@ class Recorder:
         return tuple(value) if value is not None else None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The decode state and its steps
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- the decode state and its steps
 
 
 @dataclass
@@ -175,9 +171,7 @@ def sample_token(scores: torch.Tensor, generator: torch.Generator | None = None)
     return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Greedy decoding and sampling
-# ---------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------- greedy decoding and sampling
 
 
 def sample(state: DecodeState, search: Search, inputs_embeds: torch.Tensor | None = None
@@ -228,10 +222,8 @@ def sample(state: DecodeState, search: Search, inputs_embeds: torch.Tensor | Non
                                      past_key_values=state.cache)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Beam search pieces (transformers' vectorized beam search, function for function). Tensors keep a (batch, beam)
-# layout.
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- beam search pieces
+# transformers' vectorized beam search, function for function; tensors keep a (batch, beam) layout.
 
 
 def gather_beams(tensor: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
@@ -401,9 +393,7 @@ def beam_result(b: Beams, search: Search, prompt_len: int, record: Recorder,
         attentions=record.get("attentions"), hidden_states=record.get("hidden_states"), past_key_values=cache)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The cache and the compiled step
-# ---------------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------- the cache and the compiled step
 
 
 def make_cache(model: Any, batch_size: int, length: int, cache_implementation: str | None) -> Cache:

@@ -122,7 +122,7 @@ class OPTTokenizer:
         self._backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
                                                                      special_tokens=list(ids.items()))
 
-    # ------------------------------------------------------------------ loading
+    # ---------------------------------------------------------------------------------------------------------- loading
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
@@ -199,7 +199,7 @@ class OPTTokenizer:
         backend = _byte_level(models.BPE(vocab=learned["vocab"], merges=merges, **_BPE_ARGS))
         return cls(backend, **{**_DEFAULT_NAMED, **kwargs})
 
-    # ------------------------------------------------------------------ encoding
+    # --------------------------------------------------------------------------------------------------------- encoding
 
     def __call__(self, text: str | Sequence[str], text_pair: str | Sequence[str] | None = None, *,
                  add_special_tokens: bool = True, padding: bool | str = False, truncation: bool | str | None = None,
@@ -324,7 +324,7 @@ class OPTTokenizer:
             return None  # transformers ignores max_length for padding=True without truncation
         return max_length
 
-    # ------------------------------------------------------------------ decoding
+    # --------------------------------------------------------------------------------------------------------- decoding
 
     def decode(self, token_ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False,
                clean_up_tokenization_spaces: bool | None = None) -> str:
@@ -372,7 +372,7 @@ class OPTTokenizer:
         text = text.replace(" ' ", "'").replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s")
         return text.replace(" 've", "'ve").replace(" 're", "'re")  # transformers' clean_up_tokenization
 
-    # ------------------------------------------------------------------ vocabulary
+    # ------------------------------------------------------------------------------------------------------- vocabulary
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         """Id of a token (or of each token); unknown tokens map to `unk_token_id`, as in transformers."""
@@ -434,7 +434,7 @@ class OPTTokenizer:
         return (f"OPTTokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
                 f"bos/eos={self.bos_token!r}, pad={self.pad_token!r}, padding_side={self.padding_side!r})")
 
-    # ------------------------------------------------------------------ padding encoded inputs
+    # ------------------------------------------------------------------------------------------- padding encoded inputs
 
     def pad(self, encoded_inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], padding: bool | str = True,
             max_length: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
@@ -483,7 +483,7 @@ class OPTTokenizer:
         mask = bos + [0] * len(token_ids_0)
         return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1)
 
-    # ------------------------------------------------------------------ saving
+    # ----------------------------------------------------------------------------------------------------------- saving
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> list[Path]:
         """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json.
@@ -541,7 +541,7 @@ class OPTTokenizer:
                 "normalized": token.normalized}
 
 
-# ---------------------------------------------------------------------- helpers
+# -------------------------------------------------------------------------------------------------------------- helpers
 
 # transformers' GPT2Tokenizer builds its BPE with exactly these options.
 _BPE_ARGS: dict[str, Any] = {"dropout": None, "continuing_subword_prefix": "", "end_of_word_suffix": "",

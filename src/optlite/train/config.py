@@ -24,7 +24,7 @@ from .data import InputError
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
-# ---------------------------------------------------------------------------------------------------- configuration
+# -------------------------------------------------------------------------------------------------------- configuration
 
 
 @dataclass

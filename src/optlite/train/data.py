@@ -26,7 +26,7 @@ class InputError(ValueError):
     """Bad user input (a file, column, label or option); the message is one line naming the culprit."""
 
 
-# ---------------------------------------------------------------------------------------------------- files
+# ---------------------------------------------------------------------------------------------------------------- files
 
 
 @dataclass
@@ -164,7 +164,7 @@ def _parse_json(p: Path, text: str, role: str) -> tuple[list[dict], list[str]]:
     return rows, locations
 
 
-# ---------------------------------------------------------------------------------------------------- causal LM
+# ------------------------------------------------------------------------------------------------------------ causal LM
 
 
 def check_block_size(block_size: int | None, max_position_embeddings: int) -> int:
@@ -225,7 +225,7 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[i]}
 
 
-# ---------------------------------------------------------------------------------------------------- collators
+# ------------------------------------------------------------------------------------------------------------ collators
 
 
 def pad_rows(rows: Sequence[Sequence[int] | torch.Tensor], pad_value: int,
@@ -342,7 +342,7 @@ def count_loss_items(batch: dict[str, torch.Tensor]) -> int:
     raise ValueError("the batch has neither labels nor start_positions: nothing to train on")
 
 
-# ---------------------------------------------------------------------------------------------------- classification
+# ------------------------------------------------------------------------------------------------------- classification
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ..tokenizer import OPTTokenizer
 from .config import add_train_args, parse_with_recipe
 from .data import InputError
 
-# ---------------------------------------------------------------------------------------------------- model source
+# --------------------------------------------------------------------------------------------------------- model source
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ModelSource:
         return model
 
 
-# ---------------------------------------------------------------------------------------------------- scripts
+# -------------------------------------------------------------------------------------------------------------- scripts
 
 
 def script_parser(doc: str, train_file_help: str) -> argparse.ArgumentParser:
@@ -106,7 +106,7 @@ def run_script(script: str, run: Callable[[argparse.Namespace], None], args: arg
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------- launch
+# --------------------------------------------------------------------------------------------------------------- launch
 
 
 def make_accelerator(mixed_precision: str | None = None) -> Any:

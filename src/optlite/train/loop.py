@@ -50,7 +50,7 @@ STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-# ---------------------------------------------------------------------------------------------------- optimizer
+# ------------------------------------------------------------------------------------------------------------ optimizer
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -100,7 +100,7 @@ class WarmupSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ---------------------------------------------------------------------------------------------------- data order
+# ----------------------------------------------------------------------------------------------------------- data order
 
 
 def epoch_batches(num_examples: int, batch_size: int, num_processes: int, process_index: int, seed: int,
@@ -133,7 +133,7 @@ def _groups(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield group
 
 
-# ---------------------------------------------------------------------------------------------------- one step
+# ------------------------------------------------------------------------------------------------------------- one step
 
 
 @dataclass
@@ -198,7 +198,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
     return next(v for k, v in out.items() if k != "loss" and isinstance(v, torch.Tensor))
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------------------------------------- evaluation
 
 
 def eval_shard(num_examples: int, num_processes: int, process_index: int) -> tuple[list[int], list[int]]:
@@ -238,7 +238,7 @@ def evaluate(accelerator: Any, model: nn.Module, dataset: Any, collate_fn: Calla
     return metric.compute(accelerator)
 
 
-# ---------------------------------------------------------------------------------------------------- state, saving
+# -------------------------------------------------------------------------------------------------------- state, saving
 
 
 @dataclass
@@ -408,7 +408,7 @@ def _quiet(logger_name: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-# ---------------------------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------------------------------- the loop
 
 
 @dataclass

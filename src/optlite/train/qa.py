@@ -26,7 +26,7 @@ from ..heads import span_loss
 from .data import InputError, check_file, read_utf8
 from .metrics import RunningSums
 
-# ---------------------------------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------------------------------------------- data
 
 
 @dataclass
@@ -175,7 +175,7 @@ def _answer_span(offsets: Sequence[tuple[int, int]], lo: int, hi: int,
     last = next(i for i in range(hi - 1, lo - 1, -1) if offsets[i][0] < char_end)
     return first - lo, last - lo
 
-# ---------------------------------------------------------------------------------------------------- metrics
+# -------------------------------------------------------------------------------------------------------------- metrics
 
 
 class SquadMetric:
