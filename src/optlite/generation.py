@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = dict(
     output_hidden_states=False, num_assistant_tokens=20, num_assistant_tokens_schedule="constant",
     assistant_confidence_threshold=0.4,
 )
-OFF: dict[str, Any] = {**DEFAULTS, "top_k": 0}  # what a setting passed as None means
+SWITCHED_OFF: dict[str, Any] = {**DEFAULTS, "top_k": 0}  # what a setting passed as None means
 DEFAULT_MAX_NEW_TOKENS = 20  # with neither max_length nor max_new_tokens set anywhere, as transformers
 CONFIG_FILE = "generation_config.json"
 
@@ -247,7 +247,7 @@ def resolve_config(model: Any, generation_config: Any = None, **overrides: Any) 
     values: dict[str, Any] = {}
     for name in names:
         if name in overrides:  # an explicit None switches a setting off (top_k=None: no top-k), as in transformers
-            values[name] = overrides[name] if overrides[name] is not None else OFF.get(name)
+            values[name] = overrides[name] if overrides[name] is not None else SWITCHED_OFF.get(name)
         else:
             values[name] = next((v for s in sources if (v := _read(s, name)) is not None), DEFAULTS.get(name))
     for pair in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):

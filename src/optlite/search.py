@@ -20,7 +20,7 @@ from .logits_processors import LogitsProcessor, process_logits
 from .outputs import ModelOutput
 from .stopping import StoppingCriterion, stopped
 
-NEG = -1.0e9  # beam search's "impossible": -inf arithmetic could bring NaNs
+IMPOSSIBLE = -1.0e9  # the score beam search gives what may not be chosen: -inf arithmetic could bring NaNs
 
 
 # ------------------------------------------ outputs (transformers' classes of the same names, fields in the same order)
@@ -263,7 +263,7 @@ def can_still_improve(improvable: torch.Tensor, running_scores: torch.Tensor, fi
     else:
         best_len = cur_len - prompt_len
     best_running = running_scores[:, :1] / (best_len ** length_penalty)
-    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], NEG)
+    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], IMPOSSIBLE)
     return improvable & (best_running > worst_finished).any(-1, keepdim=True)
 
 
@@ -295,10 +295,10 @@ class Beams:
         running = torch.full((batch, beams, max_len), fill, dtype=torch.long, device=device)
         running[:, :, :prompt_len] = input_ids.view(batch, beams, prompt_len)
         scores = torch.zeros((batch, beams), device=device)
-        scores[:, 1:] = NEG  # the K copies of a prompt are identical: start from the first only
+        scores[:, 1:] = IMPOSSIBLE  # the K copies of a prompt are identical: start from the first only
         src = torch.full((batch, beams, max_len - prompt_len), -1, dtype=torch.int32, device=device)
-        return cls(running, scores, src, running.clone(), torch.full((batch, beams), NEG, device=device), src.clone(),
-                   torch.zeros((batch, beams), dtype=torch.bool, device=device),
+        return cls(running, scores, src, running.clone(), torch.full((batch, beams), IMPOSSIBLE, device=device),
+                   src.clone(), torch.zeros((batch, beams), dtype=torch.bool, device=device),
                    torch.ones((batch, 1), dtype=torch.bool, device=device))
 
 
@@ -323,7 +323,7 @@ def beam_step(b: Beams, log_probs: torch.Tensor, cur: int, prompt_len: int, sear
         hit_stop = hit_stop | stopped(search.criteria, flat, scores_so_far).view(batch, count)
     hit_stop = hit_stop | (cur + 1 >= search.max_len)
 
-    run_scores = top_scores + hit_stop.to(torch.float32) * NEG
+    run_scores = top_scores + hit_stop.to(torch.float32) * IMPOSSIBLE
     keep = torch.topk(run_scores, k=beams)[1]
     b.running, b.running_scores = gather_beams(cand, keep), gather_beams(run_scores, keep)
     b.running_src = gather_beams(cand_src, keep)
@@ -331,9 +331,9 @@ def beam_step(b: Beams, log_probs: torch.Tensor, cur: int, prompt_len: int, sear
     among_top = torch.arange(count, device=src.device) < beams  # only the top K candidates may finish
     just_finished = hit_stop & among_top[None, :]
     cand_final = length_normalized(top_scores, cur + 1 - prompt_len, cfg.length_penalty)
-    cand_final += (b.is_finished.all(-1, keepdim=True) & (cfg.early_stopping is True)).to(torch.float32) * NEG
-    cand_final += (~b.improvable).to(torch.float32) * NEG
-    cand_final += (~just_finished) * NEG
+    cand_final += (b.is_finished.all(-1, keepdim=True) & (cfg.early_stopping is True)).to(torch.float32) * IMPOSSIBLE
+    cand_final += (~b.improvable).to(torch.float32) * IMPOSSIBLE
+    cand_final += (~just_finished) * IMPOSSIBLE
     merged = torch.cat((b.finished_scores, cand_final), dim=1)
     best = torch.topk(merged, k=beams)[1]
     b.finished = gather_beams(torch.cat((b.finished, cand), dim=1), best)
