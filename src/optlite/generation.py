@@ -618,6 +618,26 @@ def _decode_state(model: Any, cfg: GenerationConfig, prompt: Prompt, max_len: in
     return state, embeds
 
 
+def _call_config(model: Any, generation_config: GenerationConfig | dict | None, input_ids: torch.Tensor | None,
+                 inputs_embeds: torch.Tensor | None, kwargs: dict[str, Any]) -> GenerationConfig:
+    """The settings of one generate call (`resolve_config`), adjusted for a prompt given as embeddings."""
+    cfg = resolve_config(model, generation_config, **kwargs)
+    if inputs_embeds is not None:
+        cfg.use_cache = True  # as transformers: the embeddings are read once, by the prefill
+        if (input_ids is None or input_ids.shape[1] == 0) and cfg.max_new_tokens is None and cfg.max_length:
+            cfg.max_length -= inputs_embeds.shape[1]  # a max_length counts the embedded prompt too
+    return cfg
+
+
+def _call_processors(cfg: GenerationConfig, state: _search.DecodeState, prompt: Prompt, max_len: int,
+                     eos: torch.Tensor | None, extra: Sequence[LogitsProcessor] | None) -> list[LogitsProcessor]:
+    """The logits processors of one generate call: those its settings ask for, then the caller's `extra` ones."""
+    # transformers' repetition penalty skips the left padding of each row.
+    ignore_before = state.mask[:, :prompt.context].argmax(dim=1) \
+        if state.mask is not None and cfg.repetition_penalty != 1.0 else None
+    return build_logits_processors(cfg, prompt.ids.shape[1], max_len, eos, ignore_before, extra or ())
+
+
 @ends_stream_on_error  # a streamer's reader gets the error, not a wait for text that never comes
 @torch.no_grad()
 def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
@@ -659,11 +679,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
         >>> generate(model, torch.tensor([[2, 31414, 6]]), max_new_tokens=4).shape
         torch.Size([1, 7])
     """
-    cfg = resolve_config(model, generation_config, **kwargs)
-    if inputs_embeds is not None:
-        cfg.use_cache = True  # as transformers: the embeddings are read once, by the prefill
-        if (input_ids is None or input_ids.shape[1] == 0) and cfg.max_new_tokens is None and cfg.max_length:
-            cfg.max_length -= inputs_embeds.shape[1]  # a max_length counts the embedded prompt too
+    cfg = _call_config(model, generation_config, input_ids, inputs_embeds, kwargs)
     eos_list = eos_ids(cfg.eos_token_id)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_list[0] if eos_list else None)
     prompt = _prompt(model, cfg, input_ids, attention_mask, inputs_embeds, past_key_values, pad, eos_list)
@@ -677,10 +693,7 @@ def generate(model: Any, input_ids: torch.Tensor | None = None, attention_mask: 
 
     state, embeds = _decode_state(model, cfg, prompt, max_len, compile)
     eos = torch.tensor(eos_list, dtype=torch.long, device=state.ids.device) if eos_list else None
-    # transformers' repetition penalty skips the left padding of each row.
-    ignore_before = state.mask[:, :prompt.context].argmax(dim=1) \
-        if state.mask is not None and cfg.repetition_penalty != 1.0 else None
-    processors = build_logits_processors(cfg, prompt.ids.shape[1], max_len, eos, ignore_before, logits_processor or ())
+    processors = _call_processors(cfg, state, prompt, max_len, eos, logits_processor)
     if streamer is not None:
         streamer.put(state.ids.cpu())
     search = _search.Search(cfg, max_len, processors, criteria, eos, pad, generator, streamer)
