@@ -24,7 +24,7 @@ from .checkpoint import (
 )
 from .config import OPTConfig
 from .hub import Source
-from .saving import ShardWriter, staged_directory, write_text
+from .saving import ShardWriter, atomic_write, staged_directory
 
 # Files besides the weights that convert() copies along when the source has them.
 SIDE_FILES = ["generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -81,7 +81,7 @@ def convert(
                 out_config["torch_dtype"] = dtype_name(t.dtype) if t.is_floating_point() else out_config["torch_dtype"]
             shard.close()
         writer.finish()
-        write_text(stage / CONFIG_NAME, json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+        atomic_write(stage / CONFIG_NAME, json.dumps(out_config, indent=2, sort_keys=True) + "\n")
         for name in SIDE_FILES:
             path = source.file(name, required=False)
             if path is not None:

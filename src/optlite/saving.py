@@ -89,8 +89,8 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(keys, name))
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            write_text(self.folder / (SAFE_INDEX_NAME if self.safe else BIN_INDEX_NAME),
-                       json.dumps(index, indent=2) + "\n")
+            atomic_write(self.folder / (SAFE_INDEX_NAME if self.safe else BIN_INDEX_NAME),
+                         json.dumps(index, indent=2) + "\n")
             names.append(SAFE_INDEX_NAME if self.safe else BIN_INDEX_NAME)
         return names
 
@@ -135,11 +135,6 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path]
     finally:
         partial.unlink(missing_ok=True)
     return path
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (see `atomic_write`)."""
-    atomic_write(path, text)
 
 
 def save_error(error: OSError, target: Path) -> SaveError:
@@ -324,9 +319,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, max_sha
         for key, t in state.items():
             writer.add(key, t)
         writer.finish()
-        write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
-            write_text(stage / GENERATION_CONFIG_NAME,
-                       json.dumps(generation_config.to_dict(), indent=2, sort_keys=True) + "\n")
+            atomic_write(stage / GENERATION_CONFIG_NAME,
+                         json.dumps(generation_config.to_dict(), indent=2, sort_keys=True) + "\n")
     return Path(save_directory)
