@@ -551,31 +551,16 @@ def _as_device(device: Any) -> torch.device | str:
 # ------------------------------------------------------------------------------------------------------ from_pretrained
 
 
-def load_pretrained(
-    cls: type[nn.Module],
-    name_or_path: str | os.PathLike | None,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    dtype: str | torch.dtype | None = None,
-    device: str | int | torch.device | None = None,
-    device_map: str | dict | int | torch.device | None = None,
-    max_memory: dict | None = None,
-    offload_folder: str | os.PathLike | None = None,
-    ignore_mismatched_sizes: bool = False,
-    output_loading_info: bool = False,
-    config: OPTConfig | None = None,
-    progress: bool = True,
-    subfolder: str = "",
-    state_dict: dict[str, torch.Tensor] | None = None,
-    **config_overrides: Any,
-) -> nn.Module | tuple[nn.Module, dict]:
-    """The body of `OPTPreTrainedModel.from_pretrained` (see its docstring)."""
+def load_pretrained(cls: type[nn.Module], source: Source, *, dtype: str | torch.dtype | None = None,
+                    device: str | int | torch.device | None = None,
+                    device_map: str | dict | int | torch.device | None = None, max_memory: dict | None = None,
+                    offload_folder: str | os.PathLike | None = None, ignore_mismatched_sizes: bool = False,
+                    output_loading_info: bool = False, config: OPTConfig | None = None, progress: bool = True,
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    **config_overrides: Any) -> nn.Module | tuple[nn.Module, dict]:
+    """The body of `OPTPreTrainedModel.from_pretrained` (see its docstring), for the checkpoint at `source`."""
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
-    source = Source(name_or_path, revision, cache_dir, local_files_only, token, subfolder)
     config = _config_for_load(source, config, state_dict, config_overrides)
     if state_dict is not None:  # the weights are given: the folder, if any, supplies only the config
         files = CheckpointFiles(None, "state_dict", [Path("state_dict")], tensors=state_dict)
@@ -587,12 +572,7 @@ def load_pretrained(
     plan = plan_load(model, stored, files, ignore_mismatched_sizes)
     if device_map is not None:
         device_map = plan_device_map(model, device_map, max_memory, target)
-        if "disk" in device_map.values() and offload_folder is None:
-            raise ValueError("device_map sends weights to 'disk': pass offload_folder= (a folder for them)")
-        device_of = lambda key: _as_device(_device_in_map(key, device_map))  # noqa: E731
-    else:
-        home = torch.device(device if device is not None else "cpu")
-        device_of = lambda key: home  # noqa: E731
+    device_of = _placement(device, device_map, offload_folder)
     offload_index = _load_tensors(model, files, plan, stored, target, device_of, offload_folder, progress)
     if plan.init:
         initialize(model, plan.init, device_of, target)
@@ -604,14 +584,30 @@ def load_pretrained(
     if device_map is not None:
         _dispatch(model, device_map, offload_folder, offload_index)
     model.eval()
-    generation_file = source.file(GENERATION_CONFIG_NAME, required=False) if name_or_path is not None else None
-    if generation_file is not None:  # the checkpoint's decoding defaults, read by generate()
-        from .generation import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(generation_file)
+    _read_generation_config(model, source)
     shards = f"{len(files.shards)} shard{'s' * (len(files.shards) > 1)}"
     plan.report.log(cls.__name__, source, f"{files.format}, {shards}, {dtype_name(target)}")
     return (model, plan.report.as_dict()) if output_loading_info else model
+
+
+def _placement(device: str | int | torch.device | None, device_map: dict[str, Any] | None,
+               offload_folder: str | os.PathLike | None) -> Callable[[str], torch.device | str]:
+    """Where each checkpoint key goes: its module's entry in the (resolved) device_map, else `device` (or the CPU)."""
+    if device_map is None:
+        home = torch.device(device if device is not None else "cpu")
+        return lambda key: home
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ValueError("device_map sends weights to 'disk': pass offload_folder= (a folder for them)")
+    return lambda key: _as_device(_device_in_map(key, device_map))
+
+
+def _read_generation_config(model: nn.Module, source: Source) -> None:
+    """The checkpoint's decoding defaults, read by generate(), when it has a generation_config.json."""
+    generation_file = source.file(GENERATION_CONFIG_NAME, required=False) if source.name_or_path is not None else None
+    if generation_file is not None:
+        from .generation import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(generation_file)
 
 
 def _config_for_load(source: Source, config: OPTConfig | None, state_dict: dict | None,

@@ -390,29 +390,15 @@ class OPTPreTrainedModel(nn.Module):
     # -------------------------------------------------- loading and saving (the work is in checkpoint.py and saving.py)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike | None,
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        dtype: str | torch.dtype | None = None,
-        torch_dtype: str | torch.dtype | None = None,
-        device: str | int | torch.device | None = None,
-        device_map: str | dict | int | torch.device | None = None,
-        max_memory: dict | None = None,
-        offload_folder: str | os.PathLike | None = None,
-        ignore_mismatched_sizes: bool = False,
-        output_loading_info: bool = False,
-        config: OPTConfig | None = None,
-        progress: bool = True,
-        subfolder: str = "",
-        state_dict: dict[str, torch.Tensor] | None = None,
-        quantize: str | None = None,
-        **config_overrides: Any,
-    ) -> Any:
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, dtype: str | torch.dtype | None = None,
+                        torch_dtype: str | torch.dtype | None = None, device: str | int | torch.device | None = None,
+                        device_map: str | dict | int | torch.device | None = None, max_memory: dict | None = None,
+                        offload_folder: str | os.PathLike | None = None, ignore_mismatched_sizes: bool = False,
+                        output_loading_info: bool = False, config: OPTConfig | None = None, progress: bool = True,
+                        subfolder: str = "", state_dict: dict[str, torch.Tensor] | None = None,
+                        quantize: str | None = None, **config_overrides: Any) -> Any:
         """Load a checkpoint from a local directory or a hub repo id (safetensors preferred, else `.bin` through
         `torch.load(weights_only=True)`), in any of the hub's key layouts, built on the meta device and filled
         without copies when the dtype does not change.
@@ -435,27 +421,24 @@ class OPTPreTrainedModel(nn.Module):
             torch.float16
         """
         from .checkpoint import load_pretrained
+        from .hub import Source
 
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError(f"dtype={dtype!r} and its alias torch_dtype={torch_dtype!r} disagree")
+        source = Source(name_or_path, revision, cache_dir, local_files_only, token, subfolder)
         if quantize is not None:  # the opt-in int8 CPU mode (quantize.py): read as bf16, quantized layer by layer
             from .quantize import check_mode, quantize_
 
             check_mode(quantize, device, device_map)
-            loaded = cls.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
-                                         local_files_only=local_files_only, token=token, dtype=torch.bfloat16,
-                                         output_loading_info=output_loading_info, config=config, progress=progress,
-                                         ignore_mismatched_sizes=ignore_mismatched_sizes, subfolder=subfolder,
-                                         state_dict=state_dict, **config_overrides)
+            loaded = load_pretrained(cls, source, dtype=torch.bfloat16, output_loading_info=output_loading_info,
+                                     config=config, progress=progress, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                     state_dict=state_dict, **config_overrides)
             quantize_(loaded[0] if output_loading_info else loaded)
             return loaded
-        return load_pretrained(cls, name_or_path, revision=revision, cache_dir=cache_dir,
-                               local_files_only=local_files_only, token=token,
-                               dtype=dtype if dtype is not None else torch_dtype, device=device, device_map=device_map,
-                               max_memory=max_memory, offload_folder=offload_folder,
-                               ignore_mismatched_sizes=ignore_mismatched_sizes,
-                               output_loading_info=output_loading_info, config=config, progress=progress,
-                               subfolder=subfolder, state_dict=state_dict, **config_overrides)
+        return load_pretrained(cls, source, dtype=dtype if dtype is not None else torch_dtype, device=device,
+                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                               ignore_mismatched_sizes=ignore_mismatched_sizes, output_loading_info=output_loading_info,
+                               config=config, progress=progress, state_dict=state_dict, **config_overrides)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
                         safe_serialization: bool = True) -> None:
