@@ -14,11 +14,15 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from conftest import SHARED_TOKENIZER
 from hub_cache import make_hub_cache
+
+if TYPE_CHECKING:
+    from optlite import OPTForCausalLM, OPTTokenizer
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # facebook/opt-350m's config.json as the hub serves it (its examples read only the config and the tokenizer).
@@ -47,7 +51,7 @@ class DoctestEnvironment:
         if (used & {"tok", "tokenizer"} or "facebook/opt-" in text) and not SHARED_TOKENIZER.is_dir():
             pytest.skip("the real OPT tokenizer files (../shared/opt_tokenizer) are absent")
         if "facebook/opt-" in text:
-            _offline_hub(monkeypatch, request.getfixturevalue("tmp_path_factory"))
+            _offline_hub(monkeypatch, request.getfixturevalue("doctest_hub_cache"))
         for name in used & {"tok", "tokenizer"}:
             doctest_namespace[name] = _real_tokenizer()
         if "model" in used:
@@ -61,15 +65,23 @@ class DoctestEnvironment:
         yield
         torch.set_num_threads(threads)
 
+    @pytest.fixture(scope="session")
+    @classmethod
+    def doctest_hub_cache(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """Built once per run, on first use: facebook/opt-125m (main: a tiny fp16 pytorch_model.bin, as the hub's
+        main branches ship; refs/pr/35: model.safetensors), facebook/opt-1.3b (a tiny .bin) and facebook/opt-350m
+        (config and tokenizer)."""
+        return _build_hub_cache(tmp_path_factory)
+
 
 @functools.cache
-def _real_tokenizer():
+def _real_tokenizer() -> OPTTokenizer:
     from optlite import OPTTokenizer
 
     return OPTTokenizer.from_pretrained(SHARED_TOKENIZER)
 
 
-def _tiny_model():
+def _tiny_model() -> OPTForCausalLM:
     from optlite import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
@@ -77,23 +89,16 @@ def _tiny_model():
     return OPTForCausalLM(config).eval()
 
 
-def _offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """HF_HUB_OFFLINE=1 and the cache below as huggingface_hub's default cache folder."""
+def _offline_hub(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """HF_HUB_OFFLINE=1, with `cache` as huggingface_hub's default cache folder."""
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path_factory)))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
 
 
-_CACHE: list[Path] = []
-
-
-def _hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Built once per run: facebook/opt-125m (main: a tiny fp16 pytorch_model.bin as the hub's main branches ship;
-    refs/pr/35: model.safetensors), facebook/opt-1.3b (a tiny .bin) and facebook/opt-350m (config and tokenizer)."""
-    if _CACHE:
-        return _CACHE[0]
+def _build_hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from optlite import OPTConfig, OPTForCausalLM
 
     cache, build = tmp_path_factory.mktemp("hf-cache"), tmp_path_factory.mktemp("hf-repos")
@@ -109,5 +114,4 @@ def _hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_hub_cache(cache, "facebook/opt-1.3b", {**weights["bin"], **tokenizer})
     make_hub_cache(cache, "facebook/opt-350m", {"config.json": json.dumps(OPT_350M_CONFIG).encode(), **tokenizer})
     shutil.rmtree(build)
-    _CACHE.append(cache)
     return cache
