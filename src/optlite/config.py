@@ -193,15 +193,7 @@ class OPTConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> OPTConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config file at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, "config file")
         try:
             return cls.from_dict(data, **overrides)
         except (TypeError, ValueError) as e:
@@ -293,3 +285,25 @@ def preset_name(name_or_path: str | os.PathLike) -> str | None:
     """
     name = str(name_or_path)
     return name if name in OPTConfig.preset_names() and not Path(name).exists() else None
+
+
+def read_json_object(path: str | os.PathLike, name: str) -> dict[str, Any]:
+    """The JSON object a config file holds; FileNotFoundError / ValueError naming the file (`name` when it is absent)
+    when it is missing, not JSON, or not an object.
+
+    Example:
+        >>> _ = Path("config.json").write_text("[1, 2]")
+        >>> read_json_object("config.json", "config file")
+        Traceback (most recent call last):
+        ValueError: config.json must hold a JSON object, got list
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {name} at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data

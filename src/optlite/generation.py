@@ -25,6 +25,7 @@ import torch
 
 from . import search as _search
 from .assisted import Drafter, assisted_decode
+from .config import read_json_object
 from .logits_processors import (
     LogitsProcessor,
     apply_temperature,
@@ -153,16 +154,7 @@ class GenerationConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> GenerationConfig:
         """Read `generation_config.json` from a checkpoint folder (or the file itself)."""
         path = Path(path)
-        file = path / CONFIG_FILE if path.is_dir() else path
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {CONFIG_FILE} at {file}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path / CONFIG_FILE if path.is_dir() else path, CONFIG_FILE))
 
     @classmethod
     def from_model_config(cls, config: Any) -> GenerationConfig:
