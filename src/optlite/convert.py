@@ -31,18 +31,9 @@ SIDE_FILES = ["generation_config.json", "tokenizer_config.json", "special_tokens
               "merges.txt", "tokenizer.json"]
 
 
-def convert(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int | str = "5GB",
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    progress: bool = True,
-) -> Path:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+            max_shard_size: int | str = "5GB", revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+            local_files_only: bool = False, token: str | bool | None = None, progress: bool = True) -> Path:
     """Rewrite any loadable OPT checkpoint (e.g. the hub's pickled `.bin` shards) as safetensors in optlite's layout:
     `model.decoder.*` keys, no `lm_head.weight` when tied, config.json (+ tokenizer files when present), optionally
     in another dtype and shard size. Streams shard by shard; the destination is replaced atomically.
