@@ -139,6 +139,22 @@ def untimed_pass(fns: dict[str, Decode], prompts: list[torch.Tensor]) -> tuple[d
     return outputs, acceptance
 
 
+def forward_cost(model, context: torch.Tensor, widths: tuple[int, ...], repeats: int) -> dict[int, float]:
+    """Median seconds of one forward over `width` new tokens after a cached `context`: what a verify round costs
+    against one plain decoding step."""
+    cache = model(context, use_cache=True).past_key_values
+    seen = context.shape[1]
+    fed = context.repeat(1, max(widths))  # the tokens fed: any will do, there are enough of them
+
+    def step(width: int) -> Callable[[], object]:
+        def run() -> None:
+            model(fed[:, :width], past_key_values=cache, use_cache=True, logits_to_keep=width)
+            cache.crop(seen)
+        return run
+
+    return {int(name): s for name, s in alternate({str(w): step(w) for w in widths}, repeats, "cpu").items()}
+
+
 def mismatches(outputs: dict[str, list[torch.Tensor]], prefix: str = "") -> list[str]:
     """The modes whose tokens differ from plain greedy decoding's, with the first prompt where they do."""
     bad = []
@@ -196,6 +212,11 @@ def main() -> None:
 
     prompts = held_out_prompts(tok, valid, measure["prompts"], measure["prompt_tokens"])
     new = measure["max_new_tokens"]
+    with torch.no_grad():
+        cost = forward_cost(target, prompts[0], (1, 2, 4, 11), 10 * repeats)
+    print("   target forward over 1 / 2 / 4 / 11 new tokens: "
+          + " / ".join(f"{cost[w] * 1e3:.1f}" for w in cost) + f" ms ({cost[2] / cost[1]:.2f}x / "
+          f"{cost[4] / cost[1]:.2f}x / {cost[11] / cost[1]:.2f}x one token's)")
     fns = modes(target, draft, new, measure["prompt_lookup_num_tokens"])
     outputs, acceptance = untimed_pass(fns, prompts)
     bad = mismatches(outputs)
