@@ -183,7 +183,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def report(name: str, seconds: float, tokens: int, base: float, acceptance: list[int] | None) -> None:
-    accepted = f"{acceptance[0]:,} of {acceptance[1]:,} ({acceptance[0] / acceptance[1]:.0%})" if acceptance else ""
+    accepted = ""
+    if acceptance:  # each round adds the accepted draft tokens and one of the model's
+        accepted = (f"{acceptance[0]:,} of {acceptance[1]:,} ({acceptance[0] / acceptance[1]:.0%}), "
+                    f"{tokens / (tokens - acceptance[0]):.2f} tokens a round")
     print(f"   {name:<28} {tokens / seconds:>9.1f} {base / seconds:>7.2f}x   {accepted}")
 
 
