@@ -97,12 +97,12 @@ def held_out_prompts(tok: OPTTokenizer, texts: list[str], count: int, length: in
     raise SystemExit(f"only {len(prompts)} held-out texts have more than {length} tokens; {count} prompts asked for")
 
 
-def modes(target, draft, new_tokens: int, lookup: int) -> dict[str, Decode]:
+def modes(target: torch.nn.Module, draft: torch.nn.Module, new_tokens: int, lookup: int) -> dict[str, Decode]:
     """Greedy decoding of `new_tokens` tokens, plain, with the draft as assistant, and with prompt lookup; works for
     optlite's and transformers' models alike. eos is off so that every mode decodes the same number of tokens."""
     kw = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=target.config.pad_token_id)
 
-    def run(model, **extra) -> Decode:
+    def run(model: torch.nn.Module, **extra: object) -> Decode:
         return lambda ids: model.generate(ids, attention_mask=torch.ones_like(ids), **kw, **extra)[0, ids.shape[1]:]
 
     return {"greedy": run(target), "assisted": run(target, assistant_model=draft),
@@ -114,7 +114,7 @@ def counting_acceptance(counts: list[int]) -> Iterator[None]:
     """While inside, each round of optlite's assisted decoding adds [accepted, proposed] draft tokens to `counts`."""
     accept = optlite.assisted.accept
 
-    def counted(draft, *args, **kwargs):
+    def counted(draft: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         new = accept(draft, *args, **kwargs)
         counts[0] += len(new) - 1  # the model's own token after the accepted part is not a draft token
         counts[1] += len(draft)
@@ -139,7 +139,17 @@ def untimed_pass(fns: dict[str, Decode], prompts: list[torch.Tensor]) -> tuple[d
     return outputs, acceptance
 
 
-def forward_cost(model, context: torch.Tensor, widths: tuple[int, ...], repeats: int) -> dict[int, float]:
+def hf_modes(folder: Path, new_tokens: int, lookup: int) -> dict[str, Decode]:
+    """The same modes with transformers' OPTForCausalLM reading the same checkpoints."""
+    import transformers
+
+    hf_target, hf_draft = (transformers.OPTForCausalLM.from_pretrained(folder / name).eval()
+                           for name in ("target", "draft"))
+    return modes(hf_target, hf_draft, new_tokens, lookup)
+
+
+def forward_cost(model: torch.nn.Module, context: torch.Tensor, widths: tuple[int, ...],
+                 repeats: int) -> dict[int, float]:
     """Median seconds of one forward over `width` new tokens after a cached `context`: what a verify round costs
     against one plain decoding step."""
     cache = model(context, use_cache=True).past_key_values
@@ -244,15 +254,6 @@ def main() -> None:
         print("\n".join(bad), file=sys.stderr)
         sys.exit(1)
     print("assisted and prompt-lookup tokens are identical to plain greedy decoding on every prompt")
-
-
-def hf_modes(folder: Path, new_tokens: int, lookup: int) -> dict[str, Decode]:
-    """The same modes with transformers' OPTForCausalLM reading the same checkpoints."""
-    import transformers
-
-    hf_target, hf_draft = (transformers.OPTForCausalLM.from_pretrained(folder / name).eval()
-                           for name in ("target", "draft"))
-    return modes(hf_target, hf_draft, new_tokens, lookup)
 
 
 if __name__ == "__main__":
