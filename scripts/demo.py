@@ -47,6 +47,12 @@ def stdlib_docstrings(max_chars: int) -> list[str]:
     return texts
 
 
+def held_out(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): every k-th text is held out, k = 1 / fraction (at least 2)."""
+    every = max(2, round(1 / fraction))
+    return [t for i, t in enumerate(texts) if i % every], texts[::every]
+
+
 def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
@@ -63,8 +69,7 @@ def main() -> None:
     start = time.perf_counter()
 
     texts = stdlib_docstrings(recipe["corpus"]["max_chars"])
-    every = max(2, round(1 / recipe["corpus"]["validation_fraction"]))  # hold out every k-th docstring
-    valid, texts = texts[::every], [t for i, t in enumerate(texts) if i % every]
+    texts, valid = held_out(texts, recipe["corpus"]["validation_fraction"])
     print(f"1. corpus: {len(texts):,} docstrings of the standard library for training, {len(valid):,} held out")
 
     tok = OPTTokenizer.train(texts, vocab_size=recipe["tokenizer"]["vocab_size"])

@@ -2,6 +2,7 @@
 keep the model's distribution."""
 
 import functools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -133,3 +134,39 @@ def test_assisted_bad_input_is_refused_before_any_compute(kw, match):
             target.generate(ids, attention_mask=mask, max_new_tokens=4, **kw)
     finally:
         del target.forward
+
+
+def forwards(model: torch.nn.Module) -> tuple[list[int], Callable[[], None]]:
+    """A one-item list counting the calls of `model`'s forward, and the function that stops counting."""
+    calls = [0]
+    hook = model.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    return calls, hook.remove
+
+
+@pytest.mark.parametrize("drafter,settings", [
+    ("draft", {}),  # transformers' defaults: 20 tokens, constant, confidence threshold 0.4
+    ("itself", dict(num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic",
+                    assistant_confidence_threshold=0.0)),
+    ("itself", dict(num_assistant_tokens=5, assistant_confidence_threshold=0.0)),
+], ids=["defaults", "heuristic", "constant-5"])
+def test_draft_schedule_matches_transformers_round_for_round(drafter, settings, monkeypatch):
+    """As many verifying forwards of the model and drafting forwards of the assistant as transformers (whose
+    assistant's generation_config holds the schedule; its scikit-learn threshold adaptation is switched off)."""
+    monkeypatch.setattr(transformers.generation.candidate_generator, "is_sklearn_available", lambda: False)
+    ref, target, _ = models()
+    if drafter == "draft":
+        ref_draft, draft = make_pair("OPTForCausalLM", "pre_ln", seed=1, num_hidden_layers=1)
+    else:
+        ref_draft, draft = make_pair("OPTForCausalLM", "pre_ln")  # fresh copies: transformers writes into them
+    ref_draft.generation_config.update(**settings)
+    ids = prompt(1)
+    counted = []
+    for model, assistant, kw in ((ref, ref_draft, {}), (target, draft, settings)):
+        (rounds, stop_rounds), (drafts, stop_drafts) = forwards(model), forwards(assistant)
+        out = model.generate(ids, max_new_tokens=24, eos_token_id=None, assistant_model=assistant, **kw)
+        stop_rounds(), stop_drafts()
+        counted.append((out, rounds[0], drafts[0]))
+    (ref_out, ref_rounds, ref_drafts), (out, rounds, drafts) = counted
+    assert torch.equal(out, ref_out)
+    assert (rounds - 1, drafts) == (ref_rounds, ref_drafts)  # optlite caches the prompt in one forward first
+    assert ref_rounds < 24 or drafter == "draft"  # drafts were accepted: fewer rounds than tokens
