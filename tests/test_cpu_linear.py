@@ -129,14 +129,13 @@ def global_forward_hook() -> Iterator[None]:
         handle.remove()
 
 
-@pytest.mark.parametrize("context", ["global hook", "autocast", "grad needed", "tracing", "function mode",
+@pytest.mark.parametrize("context", ["global hook", "autocast", "tracing", "function mode",
                                      "matmul precision"])
 def test_ineligible_contexts_fall_back(monkeypatch, context):
     layer, x = linear()
     contexts = {
         "global hook": global_forward_hook,
         "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-        "grad needed": torch.enable_grad,
         "tracing": lambda: monkeypatch.context(),
         "function mode": PassThroughMode,
         "matmul precision": lambda: precision("medium"),
@@ -168,13 +167,43 @@ def precision(value: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
-def test_input_that_needs_grad_falls_back_and_gets_gradients(monkeypatch):
-    layer, x = linear()
-    layer.requires_grad_(False)
-    x.requires_grad_(True)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradients_through_the_onednn_forward_equal_f_linear(monkeypatch, bias, frozen):
+    layer, x = linear(bias)
+    layer.requires_grad_(not frozen)
+    x = x.transpose(0, 1).requires_grad_(True)  # a non-contiguous (3, 2, 16) leaf
+    grad_out = torch.randn(3, 2, 8)
     with count_onednn(monkeypatch) as calls:
-        project(layer, x).sum().backward()
-    assert calls[0] == 0 and x.grad is not None
+        y = project(layer, x)
+    assert calls[0] == 1 and y.grad_fn is not None
+    got = torch.autograd.grad(y, [x, *[p for p in layer.parameters() if p.requires_grad]], grad_out)
+    want = torch.autograd.grad(layer(x), [x, *[p for p in layer.parameters() if p.requires_grad]], grad_out)
+    assert len(got) == len(want) == (1 if frozen else 2 + bias)
+    for g, w in zip(got, want, strict=True):
+        assert record("onednn gradients", g, w, relative=True) < 1e-5
+
+
+def test_autograd_route_can_be_turned_off(monkeypatch):
+    layer, x = linear()
+    monkeypatch.setattr(cpu_linear, "_TRAINING", False)
+    with count_onednn(monkeypatch) as calls:
+        y = project(layer, x)
+    assert calls[0] == 0 and y.grad_fn is not None
+
+
+def test_training_step_gradients_match_transformers(monkeypatch):
+    ref, ours = make_pair("OPTForCausalLM", "post_ln_proj")
+    ids, mask = batch("right")
+    for m in (ref, ours):
+        m.train()
+        m(ids, attention_mask=mask, labels=ids).loss.backward()
+    with count_onednn(monkeypatch) as calls:
+        ours(ids, attention_mask=mask, labels=ids)
+    assert calls[0] == 6 * ours.config.num_hidden_layers + 1
+    grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert record("onednn train gradients", p.grad, grads[name].grad, relative=True) < 1e-5, name
 
 
 def test_frozen_model_without_grad_inputs_takes_the_path(monkeypatch):

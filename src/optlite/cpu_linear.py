@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.modules.module as module_hooks
@@ -34,6 +35,7 @@ def _find_kernel() -> Callable[..., torch.Tensor] | None:
 
 _KERNEL = _find_kernel()
 _AVAILABLE = _KERNEL is not None
+_TRAINING = True  # whether projections that autograd records take OneDNNLinear (else module(x))
 _PLAIN = (torch.Tensor, nn.Parameter)  # exactly these types: a subclass (torchao, fake tensors) has its own linear
 _GLOBAL_HOOKS = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
                  module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)
@@ -67,11 +69,10 @@ def _module_is_plain(module: nn.Module) -> bool:
             and not module._forward_pre_hooks and not module._backward_hooks and not module._backward_pre_hooks)
 
 
-def _context_is_plain(needs_grad: bool) -> bool:
-    """No global module hook, autograd, autocast, compile/trace/export, functorch transform or torch mode."""
+def _context_is_plain() -> bool:
+    """No global module hook, autocast, compile/trace/export, functorch transform or torch mode is active."""
     return not (
         any(_GLOBAL_HOOKS)
-        or (needs_grad and torch.is_grad_enabled())
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
@@ -82,15 +83,47 @@ def _context_is_plain(needs_grad: bool) -> bool:
     )
 
 
-def eligible(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `project(module, x)` takes the oneDNN kernel (see the module's docstring for the conditions)."""
+class OneDNNLinear(torch.autograd.Function):
+    """`F.linear(x, weight, bias)` with oneDNN's forward; the backward is the plain products F.linear's is."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _KERNEL(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)  # saved tensors: an in-place change before backward raises, as for F.linear
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None  # (..., in)
+        grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None  # (out, in)
+        grad_b = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (out,)
+        return grad_x, grad_w, grad_b
+
+
+def _route(module: nn.Module, x: torch.Tensor) -> str:
+    """Which way `project` goes: "kernel" (nothing to record for autograd), "autograd" (OneDNNLinear), or
+    "module" (`module(x)` itself)."""
     if not (_ENABLED and _AVAILABLE and _module_is_plain(module)):
-        return False
+        return "module"
     w, b = module.weight, module.bias
     if not (_plain_fp32_cpu(x) and _plain_fp32_cpu(w) and (b is None or _plain_fp32_cpu(b))):
-        return False
-    needs_grad = x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
-    return _context_is_plain(needs_grad)
+        return "module"
+    if not _context_is_plain():
+        return "module"
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return "autograd" if _TRAINING else "module"
+    return "kernel"
+
+
+def eligible(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `project(module, x)` takes the oneDNN kernel (see the module's docstring for the conditions)."""
+    return _route(module, x) != "module"
 
 
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +139,9 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ...     torch.allclose(project(linear, x), linear(x), atol=1e-6)
         True
     """
-    if eligible(module, x):
+    route = _route(module, x)
+    if route == "kernel":
         return _KERNEL(x, module.weight, module.bias, "none", [], "")
+    if route == "autograd":
+        return OneDNNLinear.apply(x, module.weight, module.bias)
     return module(x)
