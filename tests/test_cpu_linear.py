@@ -277,3 +277,67 @@ def test_forward_hook_on_a_projection_fires_in_the_model():
     with torch.no_grad():
         ours(ids, attention_mask=mask)
     assert fired == [torch.Size([3, 7, 48]), torch.Size([3, 7, 99])]
+
+
+@pytest.fixture
+def packed() -> Iterator[None]:
+    use_onednn(True, packed=True)
+    try:
+        yield
+    finally:
+        use_onednn(True)
+
+
+def test_packed_weights_give_transformers_outputs_and_tokens(packed):
+    ref, ours = make_pair("OPTForCausalLM", "post_ln_proj")
+    ids, mask = batch("left")
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert record("onednn packed forward", a, b, relative=True) < 1e-5
+    assert len(cpu_linear._PACKS) == 6 * ours.config.num_hidden_layers + 1  # each projection and the lm_head
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("change", ["fused AdamW step", "mul_", "data ="])
+def test_packed_copies_are_remade_when_weights_change(packed, change):
+    layer, x = linear()
+    with torch.no_grad():
+        before = project(layer, x)
+    first = cpu_linear._PACKS[layer.weight][2]
+    if change == "fused AdamW step":
+        opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+        layer(x).square().sum().backward()
+        opt.step()
+    elif change == "mul_":
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+    else:
+        layer.weight.data = torch.randn_like(layer.weight)
+    with torch.no_grad():
+        after = project(layer, x)
+        assert cpu_linear._PACKS[layer.weight][2] is not first
+        assert not torch.allclose(before, after)
+        assert record("onednn packed after weight change", after, layer(x), relative=True) < 1e-6
+
+
+def test_packed_copy_is_reused_while_the_weight_is_unchanged(packed):
+    layer, x = linear()
+    with torch.no_grad():
+        project(layer, x)
+        first = cpu_linear._PACKS[layer.weight][2]
+        project(layer, x[:1])
+    assert cpu_linear._PACKS[layer.weight][2] is first
+
+
+def test_packed_copies_are_dropped_when_turned_off_and_with_their_module(packed):
+    layer, x = linear()
+    with torch.no_grad():
+        project(layer, x)
+    del layer
+    assert not len(cpu_linear._PACKS)
+    layer, x = linear()
+    with torch.no_grad():
+        project(layer, x)
+    use_onednn(True)
+    assert not len(cpu_linear._PACKS)
