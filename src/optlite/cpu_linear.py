@@ -180,8 +180,6 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Example:
         >>> import torch
         >>> from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
         >>> from optlite.cpu_linear import project
         >>> linear = nn.Linear(8, 4)
         >>> x = torch.randn(2, 3, 8)
