@@ -51,6 +51,21 @@ def test_forward_parity_with_the_onednn_path(monkeypatch, shape, cls_name):
     assert record("onednn forward", a, b, relative=True) < 1e-5
 
 
+def test_forward_on_a_wider_model_is_as_close_to_float64_as_fp32_gets(monkeypatch):
+    # 512-wide products, where oneDNN and MKL sum in different orders (the tiny shapes above agree bit for bit), in
+    # a model whose large random weights amplify fp32 rounding layer by layer: both fp32 results are compared with
+    # the same model run in float64, relative to the largest logit (transformers' own fp32 is ~1.5e-5 off).
+    ref, ours = make_pair("OPTForCausalLM", "pre_ln", hidden_size=512, ffn_dim=1024, num_attention_heads=8)
+    ids, mask = batch("left")
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        a = ours(ids, attention_mask=mask).logits
+    assert calls[0] == 6 * ours.config.num_hidden_layers + 1
+    with torch.no_grad():
+        exact = ref.double()(ids, attention_mask=mask).logits
+    scale = exact.abs().max()
+    assert record("onednn forward, 512 wide, vs float64 (of the largest)", a.double() / scale, exact / scale) < 3e-4
+
+
 def test_greedy_generate_matches_transformers_on_the_onednn_path(monkeypatch):
     ref, ours = make_pair("OPTForCausalLM", "pre_ln")
     ids, mask = batch("left")
