@@ -334,7 +334,11 @@ def test_upcast_tensors_own_their_memory(tmp_path):
     assert ours.lm_head.weight is embed
     ref32 = transformers.OPTForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids, mask = batch("left", vocab=4096)
-    assert_same(outputs(ours, ids, mask)[0], outputs(ref32, ids, mask)[0])
+    a, b = outputs(ours, ids, mask)[0], outputs(ref32, ids, mask)[0]
+    # 512-wide sums of large random weights amplify fp32 rounding layer by layer, and how much depends on the
+    # kernel's summation order (MKL here is 2e-6 of the largest logit off float64, oneDNN 1.1e-5): compare relative
+    # to the largest logit, near 30.
+    assert_same(a / b.abs().max(), b / b.abs().max(), atol=3e-5)
     with torch.no_grad():
         embed.mul_(2.0)  # writable, and private to this model
     assert torch.equal(embed, 2.0 * ref.model.decoder.embed_tokens.weight.float())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OPTConfig
+from .cpu_linear import project
 from .generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .generation import generate as _generate
 from .modeling import OPTModel, OPTPreTrainedModel, config_flag
@@ -114,7 +115,7 @@ class OPTForCausalLM(OPTPreTrainedModel):
         h = out.last_hidden_state
         # An int keeps the last k positions (0: all), a tensor the positions it lists, as transformers.
         positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, positions])  # (B, T, V)
+        logits = project(self.lm_head, h[:, positions])  # (B, T, V)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .activations import ACTIVATIONS
 from .cache import Cache, DynamicCache, as_cache
 from .config import OPTConfig
+from .cpu_linear import project
 from .outputs import BaseModelOutputWithPast
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,9 @@ class OPTAttention(nn.Module):
         B, T, C = hidden_states.shape
         H, D = self.num_heads, self.head_dim
         # OPT scales the query (bias included) right after q_proj; the scores are then left unscaled (scale=1).
-        q = (self.q_proj(hidden_states) * self.scaling).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        v = self.v_proj(hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        q = (project(self.q_proj, hidden_states) * self.scaling).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = project(self.k_proj, hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = project(self.v_proj, hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         past = 0
         if past_key_values is not None:
             past = past_key_values.get_seq_length(self.layer_idx)
@@ -135,7 +136,7 @@ class OPTAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
                                                  scale=1.0)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.out_proj(out), weights if output_attentions else None
+        return project(self.out_proj, out), weights if output_attentions else None
 
 
 class OPTDecoderLayer(nn.Module):
@@ -175,7 +176,7 @@ class OPTDecoderLayer(nn.Module):
         h = h + F.dropout(a, p=self.dropout, training=self.training)
         if not pre:
             h = self.self_attn_layer_norm(h)  # 350m: LayerNorm after the residual
-        f = self.fc2(self.act(self.fc1(self.final_layer_norm(h) if pre else h)))
+        f = project(self.fc2, self.act(project(self.fc1, self.final_layer_norm(h) if pre else h)))
         h = h + F.dropout(f, p=self.dropout, training=self.training)
         if not pre:
             h = self.final_layer_norm(h)

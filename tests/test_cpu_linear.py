@@ -1,0 +1,358 @@
+"""The oneDNN fp32 projections: parity with transformers, the path taken where eligible, `module(x)` everywhere
+else (hooks, overrides, autograd, other dtypes, tensor subclasses, compile), and in-place weight changes seen."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+from tiny import SHAPES, batch, make_pair, record
+from torch import nn
+
+from optlite import cpu_linear
+from optlite.cpu_linear import eligible, onednn_enabled, project, use_onednn
+
+pytestmark = pytest.mark.skipif(not onednn_enabled(), reason="this torch build has no oneDNN linear kernel")
+
+
+@contextlib.contextmanager
+def count_onednn(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Count the oneDNN kernel's calls made by `project` (the real kernel still runs)."""
+    calls = [0]
+    real = cpu_linear._KERNEL
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(cpu_linear, "_KERNEL", counted)
+        yield calls
+
+
+def linear(bias: bool = True) -> tuple[nn.Linear, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Linear(16, 8, bias=bias), torch.randn(2, 3, 16)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("cls_name", ["OPTModel", "OPTForCausalLM"])
+def test_forward_parity_with_the_onednn_path(monkeypatch, shape, cls_name):
+    ref, ours = make_pair(cls_name, shape)
+    ids, mask = batch("left")
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        a = ours(ids, attention_mask=mask)[0]
+    n_layers = ours.config.num_hidden_layers
+    assert calls[0] == 6 * n_layers + (cls_name == "OPTForCausalLM")  # q, k, v, out, fc1, fc2 per layer; lm_head
+    with torch.no_grad():
+        b = ref(ids, attention_mask=mask)[0]
+    assert record("onednn forward", a, b, relative=True) < 1e-5
+
+
+def test_forward_on_a_wider_model_is_as_close_to_float64_as_fp32_gets(monkeypatch):
+    # 512-wide products, where oneDNN and MKL sum in different orders (the tiny shapes above agree bit for bit), in
+    # a model whose large random weights amplify fp32 rounding layer by layer: both fp32 results are compared with
+    # the same model run in float64, relative to the largest logit (transformers' own fp32 is ~1.5e-5 off).
+    ref, ours = make_pair("OPTForCausalLM", "pre_ln", hidden_size=512, ffn_dim=1024, num_attention_heads=8)
+    ids, mask = batch("left")
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        a = ours(ids, attention_mask=mask).logits
+    assert calls[0] == 6 * ours.config.num_hidden_layers + 1
+    with torch.no_grad():
+        exact = ref.double()(ids, attention_mask=mask).logits
+    scale = exact.abs().max()
+    assert record("onednn forward, 512 wide, vs float64 (of the largest)", a.double() / scale, exact / scale) < 3e-4
+
+
+def test_greedy_generate_matches_transformers_on_the_onednn_path(monkeypatch):
+    ref, ours = make_pair("OPTForCausalLM", "pre_ln")
+    ids, mask = batch("left")
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    with count_onednn(monkeypatch) as calls:
+        got = ours.generate(ids, **kw)
+    assert calls[0] > 0
+    assert torch.equal(got, ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_project_equals_module_call(bias):
+    layer, x = linear(bias)
+    with torch.no_grad():
+        assert eligible(layer, x)
+        assert record("onednn project", project(layer, x), layer(x), relative=True) < 1e-6
+        assert record("onednn project 2-D", project(layer, x[0]), layer(x[0]), relative=True) < 1e-6
+        strided = x.transpose(0, 1)  # non-contiguous input
+        assert record("onednn project strided", project(layer, strided), layer(strided), relative=True) < 1e-6
+
+
+def ineligible_cases() -> dict[str, object]:
+    """Each builds (module, x) in a state where `project` must call `module(x)`; some return a context too."""
+    def hooked(register):
+        layer, x = linear()
+        register(layer)
+        return layer, x
+
+    def forward_override():
+        layer, x = linear()
+        layer.forward = lambda inp: nn.functional.linear(inp, layer.weight, layer.bias)  # as accelerate does
+        return layer, x
+
+    def subclass():
+        class MyLinear(nn.Linear):
+            pass
+
+        torch.manual_seed(0)
+        return MyLinear(16, 8), torch.randn(2, 3, 16)
+
+    def bf16():
+        layer, x = linear()
+        return layer.to(torch.bfloat16), x.to(torch.bfloat16)
+
+    def double():
+        layer, x = linear()
+        return layer.double(), x.double()
+
+    return {
+        "forward hook": lambda: hooked(lambda m: m.register_forward_hook(lambda mod, a, out: None)),
+        "forward pre-hook": lambda: hooked(lambda m: m.register_forward_pre_hook(lambda mod, a: None)),
+        "full backward hook": lambda: hooked(lambda m: m.register_full_backward_hook(lambda mod, gi, go: None)),
+        "forward override": forward_override,
+        "nn.Linear subclass": subclass,
+        "bfloat16": bf16,
+        "float64": double,
+    }
+
+
+@pytest.mark.parametrize("case", list(ineligible_cases()))
+def test_ineligible_modules_fall_back_to_the_module_call(monkeypatch, case):
+    layer, x = ineligible_cases()[case]()
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        y = project(layer, x)
+    assert calls[0] == 0
+    assert torch.equal(y, layer(x).detach())  # exactly the module call
+    assert not eligible(layer, x)
+
+
+@contextlib.contextmanager
+def global_forward_hook() -> Iterator[None]:
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, a, out: None)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("context", ["global hook", "autocast", "tracing", "function mode",
+                                     "matmul precision"])
+def test_ineligible_contexts_fall_back(monkeypatch, context):
+    layer, x = linear()
+    contexts = {
+        "global hook": global_forward_hook,
+        "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        "tracing": lambda: monkeypatch.context(),
+        "function mode": PassThroughMode,
+        "matmul precision": lambda: precision("medium"),
+    }
+    if context == "tracing":
+        monkeypatch.setattr(cpu_linear.torch.jit, "is_tracing", lambda: True)
+    with torch.no_grad():
+        with contexts[context](), count_onednn(monkeypatch) as calls:
+            y = project(layer, x)
+    assert calls[0] == 0
+    if context == "autocast":
+        assert y.dtype == torch.bfloat16  # the module call was autocast, as F.linear is
+
+
+class PassThroughMode(torch.overrides.TorchFunctionMode):
+    """A mode that sees every torch call, as FlopCounterMode and device contexts do."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def precision(value: str) -> Iterator[None]:
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradients_through_the_onednn_forward_equal_f_linear(monkeypatch, bias, frozen):
+    layer, x = linear(bias)
+    layer.requires_grad_(not frozen)
+    x = x.transpose(0, 1).requires_grad_(True)  # a non-contiguous (3, 2, 16) leaf
+    grad_out = torch.randn(3, 2, 8)
+    with count_onednn(monkeypatch) as calls:
+        y = project(layer, x)
+    assert calls[0] == 1 and y.grad_fn is not None
+    got = torch.autograd.grad(y, [x, *[p for p in layer.parameters() if p.requires_grad]], grad_out)
+    want = torch.autograd.grad(layer(x), [x, *[p for p in layer.parameters() if p.requires_grad]], grad_out)
+    assert len(got) == len(want) == (1 if frozen else 2 + bias)
+    for g, w in zip(got, want, strict=True):
+        assert record("onednn gradients", g, w, relative=True) < 1e-5
+
+
+def test_autograd_route_can_be_turned_off(monkeypatch):
+    layer, x = linear()
+    monkeypatch.setattr(cpu_linear, "_TRAINING", False)
+    with count_onednn(monkeypatch) as calls:
+        y = project(layer, x)
+    assert calls[0] == 0 and y.grad_fn is not None
+
+
+def test_training_step_gradients_match_transformers(monkeypatch):
+    ref, ours = make_pair("OPTForCausalLM", "post_ln_proj")
+    ids, mask = batch("right")
+    for m in (ref, ours):
+        m.train()
+        m(ids, attention_mask=mask, labels=ids).loss.backward()
+    with count_onednn(monkeypatch) as calls:
+        ours(ids, attention_mask=mask, labels=ids)
+    assert calls[0] == 6 * ours.config.num_hidden_layers + 1
+    grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert record("onednn train gradients", p.grad, grads[name].grad, relative=True) < 1e-5, name
+
+
+def test_frozen_model_without_grad_inputs_takes_the_path(monkeypatch):
+    layer, x = linear()
+    layer.requires_grad_(False)
+    with count_onednn(monkeypatch) as calls:
+        project(layer, x)
+    assert calls[0] == 1
+
+
+def test_tensor_subclass_weight_falls_back(monkeypatch):
+    class Wrapped(torch.Tensor):  # stands in for torchao's quantized weights, which are tensor subclasses
+        pass
+
+    layer, x = linear()
+    layer.weight = nn.Parameter(layer.weight.detach().as_subclass(Wrapped), requires_grad=False)
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        project(layer, x)
+    assert calls[0] == 0
+
+
+def test_compiled_model_does_not_take_the_path(monkeypatch):
+    layer, x = linear()
+    compiled = torch.compile(lambda inp: project(layer, inp), backend="eager", fullgraph=True)
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        y = compiled(x)
+    assert calls[0] == 0
+    assert record("onednn compiled fallback", y, layer(x).detach(), relative=True) < 1e-6
+
+
+def test_switch_turns_the_path_off(monkeypatch):
+    layer, x = linear()
+    try:
+        use_onednn(False)
+        with torch.no_grad(), count_onednn(monkeypatch) as calls:
+            project(layer, x)
+        assert calls[0] == 0 and not onednn_enabled()
+    finally:
+        use_onednn(True)
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        project(layer, x)
+    assert calls[0] == 1
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "mul_", "data ="])
+def test_weights_changed_in_place_are_seen_at_once(change):
+    layer, x = linear()
+    with torch.no_grad():
+        before = project(layer, x)
+    if change == "optimizer step":
+        opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        layer(x).square().sum().backward()
+        opt.step()
+    elif change == "mul_":
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+    else:
+        layer.weight.data = torch.randn_like(layer.weight)
+    with torch.no_grad():
+        after = project(layer, x)
+        assert not torch.allclose(before, after)
+        assert record("onednn after weight change", after, layer(x), relative=True) < 1e-6
+
+
+def test_forward_hook_on_a_projection_fires_in_the_model():
+    _, ours = make_pair("OPTForCausalLM", "pre_ln")
+    fired = []
+    ours.model.decoder.layers[0].fc1.register_forward_hook(lambda mod, a, out: fired.append(out.shape))
+    ours.lm_head.register_forward_hook(lambda mod, a, out: fired.append(out.shape))
+    ids, mask = batch("none")
+    with torch.no_grad():
+        ours(ids, attention_mask=mask)
+    assert fired == [torch.Size([3, 7, 48]), torch.Size([3, 7, 99])]
+
+
+@pytest.fixture
+def packed() -> Iterator[None]:
+    use_onednn(True, packed=True)
+    try:
+        yield
+    finally:
+        use_onednn(True)
+
+
+def test_packed_weights_give_transformers_outputs_and_tokens(packed):
+    ref, ours = make_pair("OPTForCausalLM", "post_ln_proj")
+    ids, mask = batch("left")
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert record("onednn packed forward", a, b, relative=True) < 1e-5
+    assert len(cpu_linear._PACKS) == 6 * ours.config.num_hidden_layers + 1  # each projection and the lm_head
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("change", ["fused AdamW step", "mul_", "data ="])
+def test_packed_copies_are_remade_when_weights_change(packed, change):
+    layer, x = linear()
+    with torch.no_grad():
+        before = project(layer, x)
+    first = cpu_linear._PACKS[layer.weight][2]
+    if change == "fused AdamW step":
+        opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+        layer(x).square().sum().backward()
+        opt.step()
+    elif change == "mul_":
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+    else:
+        layer.weight.data = torch.randn_like(layer.weight)
+    with torch.no_grad():
+        after = project(layer, x)
+        assert cpu_linear._PACKS[layer.weight][2] is not first
+        assert not torch.allclose(before, after)
+        assert record("onednn packed after weight change", after, layer(x), relative=True) < 1e-6
+
+
+def test_packed_copy_is_reused_while_the_weight_is_unchanged(packed):
+    layer, x = linear()
+    with torch.no_grad():
+        project(layer, x)
+        first = cpu_linear._PACKS[layer.weight][2]
+        project(layer, x[:1])
+    assert cpu_linear._PACKS[layer.weight][2] is first
+
+
+def test_packed_copies_are_dropped_when_turned_off_and_with_their_module(packed):
+    layer, x = linear()
+    with torch.no_grad():
+        project(layer, x)
+    del layer
+    assert not len(cpu_linear._PACKS)
+    layer, x = linear()
+    with torch.no_grad():
+        project(layer, x)
+    use_onednn(True)
+    assert not len(cpu_linear._PACKS)
