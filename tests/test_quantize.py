@@ -122,6 +122,8 @@ def test_int8_model_saves_its_dequantized_weights(tmp_path):
     (dict(quantize="int4"), "quantize='int4': expected one of 'int8'"),
     (dict(quantize="int8", device="cuda"), "runs on the CPU"),
     (dict(quantize="int8", device_map="auto"), "runs on the CPU"),
+    (dict(quantize="int8", dtype=torch.float16), "leave dtype unset"),
+    (dict(quantize="int8", torch_dtype="bfloat16"), "leave dtype unset"),
 ])
 def test_int8_mode_refuses_what_it_cannot_do(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):  # before any file is looked at: the folder is empty

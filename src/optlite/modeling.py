@@ -441,7 +441,7 @@ class OPTPreTrainedModel(nn.Module):
         if quantize is not None:  # the opt-in int8 CPU mode (quantize.py): read as bf16, quantized layer by layer
             from .quantize import check_mode, quantize_
 
-            check_mode(quantize, device, device_map)
+            check_mode(quantize, device, device_map, dtype if dtype is not None else torch_dtype)
             loaded = cls.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
                                          local_files_only=local_files_only, token=token, dtype=torch.bfloat16,
                                          output_loading_info=output_loading_info, config=config, progress=progress,

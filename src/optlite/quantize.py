@@ -142,7 +142,7 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, int8"
 
 
-def check_mode(mode: str, device: object, device_map: object) -> None:
+def check_mode(mode: str, device: object, device_map: object, dtype: object = None) -> None:
     """Refuse what the int8 mode cannot do before anything is read."""
     if mode not in MODES:
         raise ValueError(f"quantize={mode!r}: expected one of {', '.join(map(repr, MODES))}")
@@ -152,6 +152,9 @@ def check_mode(mode: str, device: object, device_map: object) -> None:
     if device_map is not None or (device is not None and torch.device(device).type != "cpu"):
         raise ValueError(f"quantize={mode!r} runs on the CPU: leave device/device_map unset "
                          f"(got device={device!r}, device_map={device_map!r})")
+    if dtype is not None and dtype not in ("float32", torch.float32):
+        raise ValueError(f"quantize={mode!r} sets the dtypes itself (int8 projections, fp32 elsewhere): leave dtype "
+                         f"unset (got dtype={dtype!r})")
 
 
 def quantize_(model: nn.Module) -> nn.Module:
