@@ -183,7 +183,8 @@ def quantize_(model: nn.Module) -> nn.Module:
 
 
 def model_nbytes(model: nn.Module) -> int:
-    """Bytes the model's weights take: its float parameters and buffers plus every `Int8Linear`'s storage.
+    """Bytes the model's weights take: its parameters and buffers (an `Int8Embedding`'s int8 table among them)
+    plus every `Int8Linear`'s fbgemm storage.
 
     Example:
         >>> from optlite import OPTConfig, OPTForCausalLM
