@@ -4,8 +4,9 @@
     python scripts/demo.py && python scripts/bench_quality.py [--run runs/demo]
 
 Prints each mode's perplexity and its logits against fp32's on the same tokens: the largest difference, the
-difference's norm relative to the logits' norm, and how often the top-1 token agrees. The peak RSS of each load
-is printed too (the int8 mode reads bf16 and quantizes layer by layer).
+difference's norm relative to the logits' norm, and how often the top-1 token agrees. The bytes each mode's
+weights take (`optlite.quantize.model_nbytes`) and the peak RSS of the process after each load are printed too
+(the int8 mode reads bf16 and quantizes layer by layer).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from demo import ROOT, stdlib_docstrings
 
 from optlite import OPTForCausalLM, OPTTokenizer, perplexity
+from optlite.quantize import model_nbytes
 
 MODES = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}
 
@@ -44,8 +46,8 @@ def main() -> None:
     block = recipe["train"]["block_size"]
     sample = torch.tensor(ids[: 8 * block]).view(8, block)  # logits compared on 8 blocks of held-out text
     print(f"{run}: {len(ids):,} held-out tokens, block {block}\n")
-    print("| mode | perplexity | max logit diff | relative diff | top-1 agreement | peak RSS so far |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| mode | perplexity | max logit diff | relative diff | top-1 agreement | weights | peak RSS so far |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     reference = None
     for name, kwargs in MODES.items():
         model = OPTForCausalLM.from_pretrained(run, progress=False, **kwargs).eval()
@@ -57,7 +59,8 @@ def main() -> None:
         diff = (logits - reference).abs().max().item()
         rel = ((logits - reference).norm() / reference.norm()).item()
         agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-        print(f"| {name} | {ppl:.2f} | {diff:.3f} | {rel:.4f} | {100 * agree:.1f}% | {peak:.0f} MB |")
+        size = model_nbytes(model) / 2**20
+        print(f"| {name} | {ppl:.2f} | {diff:.3f} | {rel:.4f} | {100 * agree:.1f}% | {size:.1f} MB | {peak:.0f} MB |")
 
 
 if __name__ == "__main__":

@@ -430,7 +430,7 @@ class OPTPreTrainedModel(nn.Module):
         if quantize is not None:  # the opt-in int8 CPU mode (quantize.py): read as bf16, quantized layer by layer
             from .quantize import check_mode, quantize_
 
-            check_mode(quantize, device, device_map)
+            check_mode(quantize, device, device_map, dtype if dtype is not None else torch_dtype)
             loaded = load_pretrained(cls, source, dtype=torch.bfloat16, output_loading_info=output_loading_info,
                                      config=config, progress=progress, ignore_mismatched_sizes=ignore_mismatched_sizes,
                                      state_dict=state_dict, **config_overrides)

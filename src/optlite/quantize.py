@@ -1,12 +1,17 @@
 """The int8 CPU mode: every projection's weight in int8, one scale per output row, and each product's input
 quantized on the fly (one scale per call), run by the fbgemm int8 kernels in PyTorch's x86 builds.
 
-It is the scheme CTranslate2's int8 uses, opt-in and inference only. LayerNorms, attention, the embeddings and the
-residual stream stay fp32. Turned on with one argument:
+It is the scheme CTranslate2's int8 uses, opt-in and inference only. The token embedding table is int8 too (one
+scale per row, looked up into fp32); LayerNorms, attention, the position table and the residual stream stay fp32.
+Turned on with one argument:
 
     model = OPTForCausalLM.from_pretrained(path, quantize="int8")
 
 which reads the checkpoint as bfloat16 and quantizes layer by layer, so no fp32 copy of the model is ever held.
+
+Inputs are quantized to 8 bits on CPUs with AVX512-VNNI, whose int8 products accumulate in int32, and to 7 bits
+elsewhere: without VNNI, fbgemm adds pairs of u8 x s8 products in int16, which 8-bit inputs can overflow. Chosen at
+run time; 8 bits halves the error of each product.
 """
 
 from __future__ import annotations
@@ -14,9 +19,29 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MODES = ("int8",)
+
+
+def full_range_inputs() -> bool:
+    """Whether this CPU takes 8-bit quantized inputs safely (AVX512-VNNI: int32 accumulation), else 7-bit.
+
+    Example:
+        >>> isinstance(full_range_inputs(), bool)
+        True
+    """
+    return bool(torch.cpu._is_vnni_supported())
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per row of `w`: (q, scales) with w ~ q * scales[:, None]."""
+    scales = (w.abs().amax(dim=1).float() / 127).clamp_min(1e-12)
+    q = torch.empty(w.shape, dtype=torch.int8)
+    for i in range(0, w.shape[0], 256):  # 256 rows at a time: the fp32 temporaries stay small
+        q[i:i + 256] = (w[i:i + 256].float() / scales[i:i + 256, None]).round_().clamp_(-127, 127)
+    return q, scales
 
 
 class Int8Linear(nn.Module):
@@ -31,27 +56,26 @@ class Int8Linear(nn.Module):
         torch.Size([3, 32])
     """
 
-    def __init__(self, packed: torch.Tensor, in_features: int, out_features: int):
+    def __init__(self, packed: torch.Tensor, in_features: int, out_features: int, reduce_range: bool | None = None):
         super().__init__()
         self.packed = packed  # fbgemm's prepacked int8 weight and fp32 bias (a torch.ScriptObject)
         self.in_features, self.out_features = in_features, out_features
+        # True: 7-bit inputs, so fbgemm's int16 sums of pairs of products cannot overflow (CPUs without VNNI).
+        self.reduce_range = not full_range_inputs() if reduce_range is None else reduce_range
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        """Quantize `linear` (any float dtype, on the CPU): symmetric int8 per output row."""
+    def from_linear(cls, linear: nn.Linear, reduce_range: bool | None = None) -> Int8Linear:
+        """Quantize `linear` (any float dtype, on the CPU): symmetric int8 per output row. `reduce_range`: quantize
+        the inputs to 7 bits instead of 8; None chooses from the CPU (8 bits with AVX512-VNNI)."""
         if linear.weight.device.type != "cpu":
             raise ValueError(f"int8 mode runs on the CPU only; this layer is on {linear.weight.device}")
-        w = linear.weight.detach()
-        scales = (w.abs().amax(dim=1).float() / 127).clamp_min(1e-12)
-        q = torch.empty(w.shape, dtype=torch.int8)
-        for i in range(0, w.shape[0], 256):  # 256 rows at a time: the fp32 temporaries stay small
-            q[i:i + 256] = (w[i:i + 256].float() / scales[i:i + 256, None]).round_().clamp_(-127, 127)
+        q, scales = quantize_rows(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach().float()
         with warnings.catch_warnings():  # torch flags its quantized-tensor constructors as deprecated; fbgemm needs one
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros_like(scales).long(), 0)
             packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        return cls(packed, linear.in_features, linear.out_features)
+        return cls(packed, linear.in_features, linear.out_features, reduce_range)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -67,14 +91,58 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             raise TypeError(f"Int8Linear takes float32 input, got {x.dtype}")
-        # reduce_range: 7-bit inputs, so fbgemm's int16 accumulation of pairs of products never overflows (AVX2).
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+
+    def nbytes(self) -> int:
+        """Bytes fbgemm holds for this layer: the int8 weight twice (its packed layout and the plain one), the
+        per-row scales and zero points (float64 and int64, as torch's quantized tensors keep them) and the bias."""
+        weight, bias = torch.ops.quantized.linear_unpack(self.packed)
+        return 2 * weight.numel() + 16 * self.out_features + (0 if bias is None else bias.numel() * bias.element_size())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        bits = 7 if self.reduce_range else 8
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, {bits}-bit inputs"
 
 
-def check_mode(mode: str, device: object, device_map: object) -> None:
+class Int8Embedding(nn.Module):
+    """A token embedding table in int8 with one fp32 scale per row; a lookup gives fp32 rows.
+
+    `weight` and `state_dict()` give the dequantized table, under the key an `nn.Embedding` has.
+
+    Example:
+        >>> table = Int8Embedding.from_embedding(nn.Embedding(100, 16, padding_idx=1))
+        >>> table(torch.tensor([[2, 5, 7]])).shape, table.table.dtype
+        (torch.Size([1, 3, 16]), torch.int8)
+    """
+
+    def __init__(self, table: torch.Tensor, scales: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        self.register_buffer("table", table)  # (V, P) int8
+        self.register_buffer("scales", scales)  # (V, 1) fp32
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.padding_idx = padding_idx
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
+        """Quantize `embedding` (any float dtype): symmetric int8 per row."""
+        q, scales = quantize_rows(embedding.weight.detach())
+        return cls(q, scales[:, None], embedding.padding_idx)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.float() * self.scales
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight  # an nn.Embedding's key and float values
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.table).float() * F.embedding(input_ids, self.scales)  # (..., P)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, int8"
+
+
+def check_mode(mode: str, device: object, device_map: object, dtype: object = None) -> None:
     """Refuse what the int8 mode cannot do before anything is read."""
     if mode not in MODES:
         raise ValueError(f"quantize={mode!r}: expected one of {', '.join(map(repr, MODES))}")
@@ -84,18 +152,23 @@ def check_mode(mode: str, device: object, device_map: object) -> None:
     if device_map is not None or (device is not None and torch.device(device).type != "cpu"):
         raise ValueError(f"quantize={mode!r} runs on the CPU: leave device/device_map unset "
                          f"(got device={device!r}, device_map={device_map!r})")
+    if dtype is not None and dtype not in ("float32", torch.float32):
+        raise ValueError(f"quantize={mode!r} sets the dtypes itself (int8 projections, fp32 elsewhere): leave dtype "
+                         f"unset (got dtype={dtype!r})")
 
 
 def quantize_(model: nn.Module) -> nn.Module:
-    """Replace every `nn.Linear` of `model` by an `Int8Linear`, one at a time, then make the rest fp32; in place.
+    """Replace every `nn.Linear` of `model` by an `Int8Linear`, one at a time, and the token embedding table by an
+    `Int8Embedding`, then make the rest fp32; in place.
 
-    A tied lm_head gets its own int8 copy: the embedding table stays float for the lookups.
+    A tied lm_head gets its own int8 copy (fbgemm's packed layout), and the lookups read the int8 table: 3 bytes a
+    vocabulary weight instead of the 6 of an fp32 table next to an int8 head.
 
     Example:
         >>> from optlite import OPTConfig, OPTForCausalLM
         >>> model = quantize_(OPTForCausalLM(OPTConfig.from_preset("opt-tiny")).eval())
-        >>> type(model.lm_head).__name__
-        'Int8Linear'
+        >>> type(model.lm_head).__name__, type(model.get_input_embeddings()).__name__
+        ('Int8Linear', 'Int8Embedding')
     """
     if torch.backends.quantized.engine != "fbgemm" and "fbgemm" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "fbgemm"
@@ -104,4 +177,21 @@ def quantize_(model: nn.Module) -> nn.Module:
                if isinstance(child, nn.Linear)]
     for parent, name in targets:
         setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
-    return model.float().eval()  # the embeddings and LayerNorms: bf16 when loaded for this mode
+    if hasattr(model, "get_input_embeddings"):
+        model.set_input_embeddings(Int8Embedding.from_embedding(model.get_input_embeddings()))
+    return model.float().eval()  # the position table and LayerNorms: bf16 when loaded for this mode
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes the model's weights take: its parameters and buffers (an `Int8Embedding`'s int8 table among them)
+    plus every `Int8Linear`'s fbgemm storage.
+
+    Example:
+        >>> from optlite import OPTConfig, OPTForCausalLM
+        >>> model = OPTForCausalLM(OPTConfig.from_preset("opt-tiny"))
+        >>> fp32 = model_nbytes(model)
+        >>> model_nbytes(quantize_(model)) < fp32
+        True
+    """
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(tensors.values()) + sum(m.nbytes() for m in model.modules() if isinstance(m, Int8Linear))
