@@ -263,13 +263,11 @@ def test_switch_turns_the_path_off(monkeypatch):
     assert calls[0] == 1
 
 
-@pytest.mark.parametrize("change", ["optimizer step", "mul_", "data ="])
-def test_weights_changed_in_place_are_seen_at_once(change):
-    layer, x = linear()
-    with torch.no_grad():
-        before = project(layer, x)
-    if change == "optimizer step":
-        opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+def change_weight(layer: nn.Linear, x: torch.Tensor, change: str) -> None:
+    """Change `layer.weight` the way `change` names: an optimizer step, in place, or new storage through `.data`."""
+    if change in ("optimizer step", "fused AdamW step"):
+        opt = (torch.optim.SGD(layer.parameters(), lr=0.5) if change == "optimizer step"
+               else torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True))
         layer(x).square().sum().backward()
         opt.step()
     elif change == "mul_":
@@ -277,6 +275,14 @@ def test_weights_changed_in_place_are_seen_at_once(change):
             layer.weight.mul_(2.0)
     else:
         layer.weight.data = torch.randn_like(layer.weight)
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "mul_", "data ="])
+def test_weights_changed_in_place_are_seen_at_once(change):
+    layer, x = linear()
+    with torch.no_grad():
+        before = project(layer, x)
+    change_weight(layer, x, change)
     with torch.no_grad():
         after = project(layer, x)
         assert not torch.allclose(before, after)
@@ -320,15 +326,7 @@ def test_packed_copies_are_remade_when_weights_change(packed, change):
     with torch.no_grad():
         before = project(layer, x)
     first = cpu_linear._PACKS[layer.weight][2]
-    if change == "fused AdamW step":
-        opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
-        layer(x).square().sum().backward()
-        opt.step()
-    elif change == "mul_":
-        with torch.no_grad():
-            layer.weight.mul_(2.0)
-    else:
-        layer.weight.data = torch.randn_like(layer.weight)
+    change_weight(layer, x, change)
     with torch.no_grad():
         after = project(layer, x)
         assert cpu_linear._PACKS[layer.weight][2] is not first
