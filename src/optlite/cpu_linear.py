@@ -48,7 +48,6 @@ def _find_kernel() -> Callable[..., torch.Tensor] | None:
 
 _KERNEL = _find_kernel()
 _AVAILABLE = _KERNEL is not None
-_TRAINING = True  # whether projections that autograd records take OneDNNLinear (else module(x))
 _PLAIN = (torch.Tensor, nn.Parameter)  # exactly these types: a subclass (torchao, fake tensors) has its own linear
 _GLOBAL_HOOKS = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
                  module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)
@@ -166,7 +165,7 @@ def _route(module: nn.Module, x: torch.Tensor) -> str:
     if not _context_is_plain():
         return "module"
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return "autograd" if _TRAINING else "module"
+        return "autograd"
     return "kernel"
 
 

@@ -40,7 +40,7 @@ class Source:
     def file(self, filename: str, required: bool = True) -> Path | None:
         """The path of `filename` (in the subfolder); None if optional and absent."""
         filename = subfolder_file(self.subfolder, filename)
-        if Path(self.name_or_path).is_dir():
+        if is_local(self.name_or_path):
             path = Path(self.name_or_path) / filename
             if path.is_file():
                 return path
