@@ -113,10 +113,11 @@ class StaticCache:
         start, end = self.lengths[layer_idx], self.lengths[layer_idx] + key.shape[-2]
         if end > self.max_cache_len:
             raise ValueError(f"StaticCache holds {self.max_cache_len} tokens; {end} were asked for")
-        self.keys[layer_idx][:, :, start:end] = key
-        self.values[layer_idx][:, :, start:end] = value
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.narrow(2, start, end - start).copy_(key)
+        values.narrow(2, start, end - start).copy_(value)
         self.lengths[layer_idx] = end
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]

@@ -581,6 +581,8 @@ def load_pretrained(cls: type[nn.Module], source: Source, *, dtype: str | torch.
                 _offload(model.get_parameter(key), key, offload_folder, offload_index)
     model.tie_weights()
     check_no_meta(model, set(offload_index))
+    if device_map is None and not _file_mapped(files, stored, target, device_of("")):
+        _stack_cpu_qkv(model)
     if device_map is not None:
         _dispatch(model, device_map, offload_folder, offload_index)
     model.eval()
@@ -588,6 +590,23 @@ def load_pretrained(cls: type[nn.Module], source: Source, *, dtype: str | torch.
     shards = f"{len(files.shards)} shard{'s' * (len(files.shards) > 1)}"
     plan.report.log(cls.__name__, source, f"{files.format}, {shards}, {dtype_name(target)}")
     return (model, plan.report.as_dict()) if output_loading_info else model
+
+
+def _file_mapped(files: CheckpointFiles, stored: dict[str, tuple[TensorInfo, int]], dtype: torch.dtype,
+                 device: torch.device | str) -> bool:
+    """Whether the weights are the safetensors files' own pages: on the CPU, none of them cast (zero copy)."""
+    return files.format == "safetensors" and torch.device(device).type == "cpu" and all(
+        info.dtype == dtype for info, _ in stored.values() if info.dtype.is_floating_point)
+
+
+def _stack_cpu_qkv(model: nn.Module) -> None:
+    """Loading assigns each tensor on its own. On the CPU in fp32, where one q/k/v product instead of three pays,
+    put each layer's q/k/v back in one buffer as the model builds them (`OPTAttention.share_qkv_storage`): a copy
+    of a quarter of the decoder's weights, a layer at a time. Not done for file-mapped weights, kept zero copy."""
+    for m in model.modules():
+        w = getattr(getattr(m, "q_proj", None), "weight", None)
+        if hasattr(m, "share_qkv_storage") and w is not None and w.is_cpu and w.dtype is torch.float32:
+            m.share_qkv_storage()
 
 
 def _placement(device: str | int | torch.device | None, device_map: dict[str, Any] | None,

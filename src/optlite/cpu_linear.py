@@ -21,7 +21,7 @@ drop every copy.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -108,7 +108,7 @@ if _PACKED:
 
 
 def _plain_fp32_cpu(t: torch.Tensor) -> bool:
-    return type(t) in _PLAIN and t.dtype is torch.float32 and t.device.type == "cpu" and t.layout is torch.strided
+    return type(t) in _PLAIN and t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided
 
 
 def _module_is_plain(module: nn.Module) -> bool:
@@ -154,15 +154,15 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _route(module: nn.Module, x: torch.Tensor) -> str:
+def _route(module: nn.Module, x: torch.Tensor, check_context: bool = True) -> str:
     """Which way `project` goes: "kernel" (nothing to record for autograd), "autograd" (OneDNNLinear), or
-    "module" (`module(x)` itself)."""
+    "module" (`module(x)` itself). `check_context=False`: the caller has just checked `_context_is_plain`."""
     if not (_ENABLED and _AVAILABLE and _module_is_plain(module)):
         return "module"
     w, b = module.weight, module.bias
     if not (_plain_fp32_cpu(x) and _plain_fp32_cpu(w) and (b is None or _plain_fp32_cpu(b))):
         return "module"
-    if not _context_is_plain():
+    if check_context and not _context_is_plain():
         return "module"
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return "autograd"
@@ -194,3 +194,74 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if route == "autograd":
         return OneDNNLinear.apply(x, module.weight, module.bias)
     return module(x)
+
+
+# ---- several projections of one input as one product
+
+
+@torch.no_grad()
+def share_storage(linears: Sequence[nn.Linear]) -> None:
+    """Put the weights (and the biases) of `linears` back to back in one buffer, each Parameter becoming a view of
+    it: same objects, values, shapes and state_dict, but `project_stacked` can then run them as one product.
+    Left as they are when any is on the meta device or they differ in dtype, device or bias.
+
+    Example:
+        >>> from torch import nn
+        >>> from optlite.cpu_linear import share_storage, stacked
+        >>> q, k, v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        >>> share_storage([q, k, v])
+        >>> stacked([q.weight, k.weight, v.weight]).shape
+        torch.Size([24, 8])
+    """
+    groups = [[m.weight for m in linears]]
+    if any(m.bias is not None for m in linears):
+        groups.append([m.bias for m in linears])
+    for tensors in groups:
+        first = tensors[0]
+        if any(t is None or t.is_meta or t.dtype != first.dtype or t.device != first.device
+               or t.shape[1:] != first.shape[1:] for t in tensors):
+            return
+    for tensors in groups:
+        for t, view in zip(tensors, torch.cat(tensors).split([t.shape[0] for t in tensors]), strict=True):
+            t.data = view
+
+
+def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor over `tensors` (concatenated along dim 0) when they lie back to back, in order, in one storage,
+    as `share_storage` leaves them; else None. Checked on every call: a weight replaced since (`.data = ...`,
+    `.to()`, a GPTQ write) has storage of its own, and the projections run apart again."""
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (type(t) not in _PLAIN or not t.is_contiguous() or t.dtype is not first.dtype
+                or t.shape[1:] != first.shape[1:] or t.untyped_storage().data_ptr() != storage
+                or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
+
+
+def project_stacked(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """`[project(m, x) for m in modules]`, computed as one oneDNN product when every module takes the kernel and
+    their weights and biases are stacked in one storage (`share_storage`): decoding's q/k/v read as one matrix.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from optlite.cpu_linear import project_stacked, share_storage
+        >>> q, k, v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        >>> share_storage([q, k, v])
+        >>> x = torch.randn(1, 3, 8)
+        >>> with torch.no_grad():
+        ...     all(torch.allclose(a, m(x), atol=1e-6) for a, m in zip(project_stacked([q, k, v], x), [q, k, v]))
+        True
+    """
+    if not _PACKED and _route(modules[0], x) == "kernel" and all(
+            _route(m, x, check_context=False) == "kernel" for m in modules[1:]):
+        weight = stacked([m.weight for m in modules])
+        with_bias = [m.bias is not None for m in modules]
+        bias = stacked([m.bias for m in modules]) if all(with_bias) else None
+        if weight is not None and (bias is not None or not any(with_bias)):
+            out = _KERNEL(x, weight, bias, "none", [], "")
+            return list(out.split([m.out_features for m in modules], dim=-1))
+    return [project(m, x) for m in modules]

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .activations import ACTIVATIONS
 from .cache import Cache, DynamicCache, as_cache
 from .config import OPTConfig
-from .cpu_linear import project
+from .cpu_linear import project, project_stacked, share_storage
 from .outputs import BaseModelOutputWithPast
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,12 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(c, c, bias=bias)
         self.q_proj = nn.Linear(c, c, bias=bias)
         self.out_proj = nn.Linear(c, c, bias=bias)
+        self.share_qkv_storage()
+
+    def share_qkv_storage(self) -> None:
+        """Keep q/k/v's weights and biases as views of one buffer (same Parameters, same state_dict), so that the
+        CPU's fp32 path reads them as one matrix (`cpu_linear.project_stacked`): one product instead of three."""
+        share_storage([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, hidden_states: torch.Tensor, past_key_values: Cache | None = None,
                 attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
@@ -109,10 +115,11 @@ class OPTAttention(nn.Module):
         None for causal attention. Returns the output and, with `output_attentions`, the attention weights."""
         B, T, C = hidden_states.shape
         H, D = self.num_heads, self.head_dim
+        q, k, v = project_stacked([self.q_proj, self.k_proj, self.v_proj], hidden_states)  # (B, T, C) each
         # OPT scales the query (bias included) right after q_proj; the scores are then left unscaled (scale=1).
-        q = (project(self.q_proj, hidden_states) * self.scaling).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = project(self.k_proj, hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        v = project(self.v_proj, hidden_states).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        q = (q * self.scaling).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         past = 0
         if past_key_values is not None:
             past = past_key_values.get_seq_length(self.layer_idx)
@@ -173,11 +180,11 @@ class OPTDecoderLayer(nn.Module):
         a, weights = self.self_attn(self.self_attn_layer_norm(h) if pre else h, past_key_values=past_key_values,
                                     attention_mask=attention_mask, output_attentions=output_attentions,
                                     layer_head_mask=layer_head_mask)
-        h = h + F.dropout(a, p=self.dropout, training=self.training)
+        h = h + (F.dropout(a, p=self.dropout, training=True) if self.training else a)
         if not pre:
             h = self.self_attn_layer_norm(h)  # 350m: LayerNorm after the residual
         f = project(self.fc2, self.act(project(self.fc1, self.final_layer_norm(h) if pre else h)))
-        h = h + F.dropout(f, p=self.dropout, training=self.training)
+        h = h + (F.dropout(f, p=self.dropout, training=True) if self.training else f)
         if not pre:
             h = self.final_layer_norm(h)
         return (h, weights) if output_attentions else (h,)
