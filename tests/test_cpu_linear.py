@@ -186,11 +186,14 @@ def precision(value: str) -> Iterator[None]:
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_gradients_through_the_onednn_forward_equal_f_linear(monkeypatch, bias, frozen):
+@pytest.mark.parametrize("out_features", [8, 80])  # 80: wider than 4x its input, an LM head's input gradient
+def test_gradients_through_the_onednn_forward_equal_f_linear(monkeypatch, bias, frozen, out_features):
     layer, x = linear(bias)
+    if out_features != 8:
+        layer = nn.Linear(16, out_features, bias=bias)
     layer.requires_grad_(not frozen)
     x = x.transpose(0, 1).requires_grad_(True)  # a non-contiguous (3, 2, 16) leaf
-    grad_out = torch.randn(3, 2, 8)
+    grad_out = torch.randn(3, 2, out_features)
     with count_onednn(monkeypatch) as calls:
         y = project(layer, x)
     assert calls[0] == 1 and y.grad_fn is not None
