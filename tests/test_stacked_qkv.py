@@ -70,6 +70,28 @@ def test_model_builds_and_loads_its_qkv_stacked(tmp_path):
     assert not any(stacked_layers(optlite.OPTForCausalLM.from_pretrained(tmp_path / "fp16", dtype="bfloat16")))
 
 
+def test_upcast_load_reads_qkv_into_their_buffers_without_a_second_copy(monkeypatch, tmp_path):
+    from optlite import checkpoint
+
+    ref, _ = make_pair("OPTForCausalLM", "post_ln_proj")
+    ref.half().save_pretrained(tmp_path)
+    buffers = {}
+    real = checkpoint._qkv_buffers
+
+    def spy(*args):
+        into = real(*args)
+        buffers.update({k: v.untyped_storage().data_ptr() for k, v in into.items()})
+        return into
+
+    monkeypatch.setattr(checkpoint, "_qkv_buffers", spy)
+    loaded = optlite.OPTForCausalLM.from_pretrained(tmp_path)
+    params = dict(loaded.named_parameters())
+    layers = loaded.config.num_hidden_layers
+    assert len(buffers) == 6 * layers  # q/k/v weights and biases of every layer
+    assert all(params[k].untyped_storage().data_ptr() == ptr for k, ptr in buffers.items())
+    assert all(is_stacked(layer.self_attn) for layer in loaded.model.decoder.layers)
+
+
 def test_state_dict_and_files_are_unchanged(tmp_path):
     ref, ours = make_pair("OPTForCausalLM", "no_bias_no_affine")
     theirs = ref.state_dict()

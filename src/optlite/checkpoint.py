@@ -229,12 +229,15 @@ class SafetensorsShard:
     def infos(self) -> dict[str, TensorInfo]:
         return {name: info for name, (info, _, _) in self.entries.items()}
 
-    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` as `dtype` on `device`; with `out` (a CPU tensor of that shape and dtype), read into it."""
         info, start, end = self.entries[name]
-        if (dtype is None or dtype == info.dtype) and device.type == "cpu":
+        if out is None and (dtype is None or dtype == info.dtype) and device.type == "cpu":
             return self._handle.get_tensor(name)  # shares the file's private mapping: nothing is copied
         if start % info.dtype.itemsize or not info.shape or 0 in info.shape:
-            return self._handle.get_tensor(name).to(device=device, dtype=dtype or info.dtype)
+            t = self._handle.get_tensor(name)
+            return out.copy_(t) if out is not None else t.to(device=device, dtype=dtype or info.dtype)
         if self._map is None:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable views, no warning
@@ -243,7 +246,7 @@ class SafetensorsShard:
         if device.type == "cpu":
             # Plain torch.empty, as transformers allocates: a 2 MB-aligned huge-page mapping per tensor halved the
             # upcast on one Xeon VM and doubled it on an AMD EPYC VM, so the allocation is not where speed is won.
-            out = torch.empty(info.shape, dtype=dtype or info.dtype).copy_(src)
+            out = (out if out is not None else torch.empty(info.shape, dtype=dtype or info.dtype)).copy_(src)
         else:
             out = src.to(device=device, dtype=dtype or info.dtype, copy=True)
         if hasattr(self._map, "madvise"):  # drop the source pages from our resident set (they stay in the page cache)
@@ -271,8 +274,11 @@ class BinShard:
     def infos(self) -> dict[str, TensorInfo]:
         return {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self.state.items()}
 
-    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         t = self.state[name]
+        if out is not None:
+            return out.copy_(t)
         if (dtype is None or dtype == t.dtype) and device.type == "cpu":
             return t
         return t.to(device=device, dtype=dtype or t.dtype)
@@ -599,6 +605,28 @@ def _file_mapped(files: CheckpointFiles, stored: dict[str, tuple[TensorInfo, int
         info.dtype == dtype for info, _ in stored.values() if info.dtype.is_floating_point)
 
 
+def _qkv_buffers(model: nn.Module, plan: LoadPlan, stored: dict[str, tuple[TensorInfo, int]], dtype: torch.dtype,
+                 device_of: Callable[[str], Any]) -> dict[str, torch.Tensor]:
+    """For q/k/v tensors that are cast to fp32 on the CPU: the views of one buffer per layer (and per weight or
+    bias) they are read into, stacked as the model builds them (`OPTAttention.share_qkv_storage`), so that
+    `_stack_cpu_qkv` finds them in place and copies nothing."""
+    if dtype is not torch.float32:
+        return {}
+    into = {}
+    for name, m in model.named_modules():
+        if not hasattr(m, "share_qkv_storage"):
+            continue
+        for leaf in ("weight", "bias"):
+            keys = [f"{name}.{p}_proj.{leaf}" for p in "qkv"]
+            if not all(k in plan.assign and device_of(k) != "disk" and torch.device(device_of(k)).type == "cpu"
+                       and stored[plan.assign[k][0]][0].dtype != dtype for k in keys):
+                continue
+            shapes = [model.get_parameter(k).shape for k in keys]  # the meta parameters' shapes
+            buf = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=dtype)
+            into.update(zip(keys, buf.split([s[0] for s in shapes]), strict=True))
+    return into
+
+
 def _stack_cpu_qkv(model: nn.Module) -> None:
     """Loading assigns each tensor on its own. On the CPU in fp32, where one q/k/v product instead of three pays,
     put each layer's q/k/v back in one buffer as the model builds them (`OPTAttention.share_qkv_storage`): a copy
@@ -703,6 +731,7 @@ def _load_tensors(model: nn.Module, files: CheckpointFiles, plan: LoadPlan, stor
     # The tied lm_head has no tensor of its own, but accelerate places and offloads it by its own name.
     tied = {_embed_key(model): ["lm_head.weight"]} if ties_lm_head(model) else {}
     offload_index: dict[str, dict] = {}
+    stacked_into = _qkv_buffers(model, plan, stored, dtype, device_of)
     # Casting is mostly first-touch page faults on the new memory: a few threads overlap them (copy_ frees the GIL).
     # Not when offloading to disk, where the point is to hold little: one tensor at a time.
     workers = 1 if any(device_of(k) == "disk" for k in plan.assign) else min(4, os.cpu_count() or 1)
@@ -715,7 +744,8 @@ def _load_tensors(model: nn.Module, files: CheckpointFiles, plan: LoadPlan, stor
                 cast = dtype if stored[skey][0].dtype.is_floating_point else None
                 devices = {name: device_of(name) for name in [mkey, *tied.get(mkey, [])]}
                 live = [d for d in devices.values() if d != "disk"]
-                return mkey, shard.tensor(skey, cast, live[0] if live else torch.device("cpu")), devices
+                device = live[0] if live else torch.device("cpu")
+                return mkey, shard.tensor(skey, cast, device, out=stacked_into.get(mkey)), devices
 
             for mkey, value, devices in pool.map(read, by_shard.get(i, [])):
                 for name, device in devices.items():

@@ -228,6 +228,8 @@ def share_storage(linears: Sequence[nn.Linear]) -> None:
     groups = [[m.weight for m in linears]]
     if any(m.bias is not None for m in linears):
         groups.append([m.bias for m in linears])
+    if all(all(t is not None for t in g) and stacked(g) is not None for g in groups):
+        return  # already stacked (a load reads them into one buffer)
     for tensors in groups:
         first = tensors[0]
         if any(t is None or t.is_meta or t.dtype != first.dtype or t.device != first.device
