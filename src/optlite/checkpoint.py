@@ -628,9 +628,10 @@ def _qkv_buffers(model: nn.Module, plan: LoadPlan, stored: dict[str, tuple[Tenso
 
 
 def _stack_cpu_qkv(model: nn.Module) -> None:
-    """Loading assigns each tensor on its own. On the CPU in fp32, where one q/k/v product instead of three pays,
-    put each layer's q/k/v back in one buffer as the model builds them (`OPTAttention.share_qkv_storage`): a copy
-    of a quarter of the decoder's weights, a layer at a time. Not done for file-mapped weights, kept zero copy."""
+    """On the CPU in fp32, where one q/k/v product instead of three pays, make sure each layer's q/k/v share one
+    buffer as the model builds them (`OPTAttention.share_qkv_storage`). Upcast loads already read them into it
+    (`_qkv_buffers`); tensors loaded as they are (a .bin file, a `state_dict=`) are copied there, a layer at a
+    time. Not called for file-mapped weights, which stay zero copy."""
     for m in model.modules():
         w = getattr(getattr(m, "q_proj", None), "weight", None)
         if hasattr(m, "share_qkv_storage") and w is not None and w.is_cpu and w.dtype is torch.float32:

@@ -245,6 +245,8 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     as `share_storage` leaves them; else None. Checked on every call: a weight replaced since (`.data = ...`,
     `.to()`, a GPTQ write) has storage of its own, and the projections run apart again."""
     first = tensors[0]
+    if type(first) not in _PLAIN:  # a tensor subclass may have no storage of its own
+        return None
     storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     for t in tensors:
         if (type(t) not in _PLAIN or not t.is_contiguous() or t.dtype is not first.dtype
