@@ -19,16 +19,19 @@ pytestmark = pytest.mark.skipif(not onednn_enabled(), reason="this torch build h
 
 @contextlib.contextmanager
 def count_onednn(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Count the oneDNN kernel's calls made by `project` (the real kernel still runs)."""
+    """Count the oneDNN kernels' calls made by `project` (the real kernels still run), the residual-adding one
+    included."""
     calls = [0]
-    real = cpu_linear._KERNEL
 
-    def counted(*args):
-        calls[0] += 1
-        return real(*args)
+    def counted(real):
+        def call(*args):
+            calls[0] += 1
+            return real(*args)
+        return call
 
     with monkeypatch.context() as m:
-        m.setattr(cpu_linear, "_KERNEL", counted)
+        m.setattr(cpu_linear, "_KERNEL", counted(cpu_linear._KERNEL))
+        m.setattr(cpu_linear, "_KERNEL_ADD", counted(cpu_linear._KERNEL_ADD))
         yield calls
 
 
@@ -89,6 +92,60 @@ def test_project_equals_module_call(bias):
         assert record("onednn project strided", project(layer, strided), layer(strided), relative=True) < 1e-6
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_relu_and_residual_equal_the_separate_calls(monkeypatch, hooked):
+    layer, x = linear()
+    if hooked:  # the module call, then torch's relu and add
+        layer.register_forward_hook(lambda mod, a, out: None)
+    h = torch.randn(2, 3, 8)
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        relu = project(layer, x, relu=True)
+        added = project(layer, x, residual=h)
+        both = project(layer, x, relu=True, residual=h)
+        strided = project(layer, x, residual=h.transpose(0, 1).contiguous().transpose(0, 1))  # added after
+        broadcast = project(layer, x, residual=h[:1])
+    assert calls[0] == (0 if hooked else 5)  # relu and the residual run inside the product, or after it
+    with torch.no_grad():
+        y = layer(x)
+    for name, got, want in [("relu", relu, y.relu()), ("residual", added, h + y), ("both", both, h + y.relu()),
+                            ("strided residual", strided, h + y), ("broadcast residual", broadcast, h[:1] + y)]:
+        assert got.shape == want.shape
+        if hooked:
+            assert torch.equal(got, want), name
+        else:
+            assert record(f"onednn {name}", got, want, relative=True) < 1e-6, name
+
+
+def test_decoder_layers_fuse_relu_and_the_feed_forward_residual_outside_training(monkeypatch):
+    _, ours = make_pair("OPTForCausalLM", "pre_ln")
+    kernels = {"relu": 0, "add": 0}
+    real, real_add = cpu_linear._KERNEL, cpu_linear._KERNEL_ADD
+
+    def kernel(x, w, b, attr, *args):
+        kernels["relu"] += attr == "relu"
+        return real(x, w, b, attr, *args)
+
+    def kernel_add(*args):
+        kernels["add"] += 1
+        return real_add(*args)
+
+    monkeypatch.setattr(cpu_linear, "_KERNEL", kernel)
+    monkeypatch.setattr(cpu_linear, "_KERNEL_ADD", kernel_add)
+    ids, mask = batch("none")
+    with torch.no_grad():
+        ours(ids, attention_mask=mask)
+    assert kernels == {"relu": ours.config.num_hidden_layers, "add": ours.config.num_hidden_layers}
+
+
+def test_residual_that_needs_a_gradient_keeps_it():
+    layer, x = linear()
+    layer.requires_grad_(False)
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    out = project(layer, x, residual=h)
+    (grad,) = torch.autograd.grad(out.sum(), [h])
+    assert torch.equal(grad, torch.ones_like(h))
+
+
 def ineligible_cases() -> dict[str, object]:
     """Each builds (module, x) in a state where `project` must call `module(x)`; some return a context too."""
     def hooked(register):
@@ -116,7 +173,16 @@ def ineligible_cases() -> dict[str, object]:
         layer, x = linear()
         return layer.double(), x.double()
 
+    def attribute(name):  # a parameter replaced by a plain tensor attribute, which F.linear then reads
+        layer, x = linear()
+        value = getattr(layer, name).detach() * 2
+        delattr(layer, name)
+        setattr(layer, name, value)
+        return layer, x
+
     return {
+        "weight as a plain attribute": lambda: attribute("weight"),
+        "bias as a plain attribute": lambda: attribute("bias"),
         "forward hook": lambda: hooked(lambda m: m.register_forward_hook(lambda mod, a, out: None)),
         "forward pre-hook": lambda: hooked(lambda m: m.register_forward_pre_hook(lambda mod, a: None)),
         "full backward hook": lambda: hooked(lambda m: m.register_full_backward_hook(lambda mod, gi, go: None)),

@@ -6,6 +6,8 @@ weight (no copy, no packing) 1.3-3x faster on every row count of OPT's decoding 
 `project(module, x)` where it would call `module(x)`; the oneDNN kernel is taken only when that is provably the
 same computation as `module(x)`, else `module(x)` runs exactly as before, so hooks, PEFT adapters, accelerate's
 offloading, tensor subclasses (torchao), autocast, compile, tracing and autograd see a plain `nn.Linear` call.
+On the kernel, fc1's ReLU and (outside training) fc2's residual add run inside the product as oneDNN post-ops:
+decoding's small element-wise ops each cost a pass through caches the streamed weights keep evicting.
 
 Each attention layer keeps its q/k/v weights (and biases) as views of one buffer (`share_storage`): the same three
 Parameters, state_dict and files, but `project_stacked` reads them as one matrix, one product instead of three
@@ -31,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch.nn.modules.module as module_hooks
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -42,17 +45,18 @@ _PACKED = _SETTING == "packed"
 _PACK_ROWS = 8  # the row count oneDNN tunes the blocked layout for: decoding's few rows
 
 
-def _find_kernel() -> Callable[..., torch.Tensor] | None:
-    """oneDNN's linear, `_linear_pointwise(x, weight, bias, "none", [], "")`, or None in a build without it."""
+def _find_kernels() -> tuple[Callable[..., torch.Tensor] | None, Callable[..., torch.Tensor] | None]:
+    """oneDNN's linear, `_linear_pointwise(x, weight, bias, "none", [], "")`, and its variant that adds a tensor to
+    the output, `_linear_pointwise.binary(x, other, weight, bias, "add")`; (None, None) in a build without them."""
     if not torch.backends.mkldnn.is_available():
-        return None
+        return None, None
     try:
-        return torch.ops.mkldnn._linear_pointwise.default
+        return torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary
     except (AttributeError, RuntimeError):
-        return None
+        return None, None
 
 
-_KERNEL = _find_kernel()
+_KERNEL, _KERNEL_ADD = _find_kernels()
 _AVAILABLE = _KERNEL is not None
 _PLAIN = (torch.Tensor, nn.Parameter)  # exactly these types: a subclass (torchao, fake tensors) has its own linear
 _GLOBAL_HOOKS = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
@@ -117,10 +121,17 @@ def _plain_fp32_cpu(t: torch.Tensor) -> bool:
     return type(t) in _PLAIN and t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided
 
 
-def _module_is_plain(module: nn.Module) -> bool:
-    """An nn.Linear (not a subclass) with no hook of its own and no per-instance forward (accelerate, patching)."""
-    return (type(module) is nn.Linear and "forward" not in module.__dict__ and not module._forward_hooks
-            and not module._forward_pre_hooks and not module._backward_hooks and not module._backward_pre_hooks)
+def _plain_parameters(module: nn.Module) -> tuple[Any, Any] | None:
+    """(weight, bias) of an nn.Linear (not a subclass) with no hook of its own and no per-instance forward
+    (accelerate, patching); None for any other module. Read from `_parameters`: `module.weight` goes through
+    nn.Module.__getattr__, a measurable cost at decoding's ~50 projections a token."""
+    if (type(module) is not nn.Linear or "forward" in module.__dict__ or module._forward_hooks
+            or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks):
+        return None
+    params = module._parameters
+    if "weight" not in params or "bias" not in params:  # one replaced by a plain attribute: module(x) reads that
+        return None
+    return params["weight"], params["bias"]
 
 
 def _context_is_plain() -> bool:
@@ -166,46 +177,62 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _route(module: nn.Module, x: torch.Tensor, check_context: bool = True) -> str:
-    """Which way `project` goes: "kernel" (nothing to record for autograd), "autograd" (OneDNNLinear), or
-    "module" (`module(x)` itself). `check_context=False`: the caller has just checked `_context_is_plain`."""
-    if not (_ENABLED and _AVAILABLE and _module_is_plain(module)):
-        return "module"
-    w, b = module.weight, module.bias
+def _route(module: nn.Module, x: torch.Tensor, check_context: bool = True) -> tuple[str, Any, Any]:
+    """Which way `project` goes, with the module's weight and bias: "kernel" (nothing to record for autograd),
+    "autograd" (OneDNNLinear), or "module" (`module(x)` itself). `check_context=False`: the caller has just
+    checked `_context_is_plain`."""
+    params = _plain_parameters(module) if _ENABLED and _AVAILABLE else None
+    if params is None:
+        return "module", None, None
+    w, b = params
     if not (_plain_fp32_cpu(x) and _plain_fp32_cpu(w) and (b is None or _plain_fp32_cpu(b))):
-        return "module"
+        return "module", None, None
     if check_context and not _context_is_plain():
-        return "module"
+        return "module", None, None
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return "autograd"
-    return "kernel"
+        return "autograd", w, b
+    return "kernel", w, b
 
 
 def eligible(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether `project(module, x)` takes the oneDNN kernel (see the module's docstring for the conditions)."""
-    return _route(module, x) != "module"
+    return _route(module, x)[0] != "module"
 
 
-def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, computed by oneDNN's fp32 kernel when that is the same computation (see `eligible`).
+def project(module: nn.Module, x: torch.Tensor, *, relu: bool = False,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`module(x)`, computed by oneDNN's fp32 kernel when that is the same computation (see `eligible`); with
+    `relu`, `F.relu(module(x))`, and with `residual`, `residual + ...`. On the kernel both run inside the product
+    (oneDNN post-ops: no separate pass over the output), otherwise as those two torch calls.
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> from optlite.cpu_linear import project
         >>> linear = nn.Linear(8, 4)
-        >>> x = torch.randn(2, 3, 8)
+        >>> x, h = torch.randn(2, 3, 8), torch.randn(2, 3, 4)
         >>> with torch.no_grad():
         ...     torch.allclose(project(linear, x), linear(x), atol=1e-6)
+        ...     torch.allclose(project(linear, x, relu=True, residual=h), h + linear(x).relu(), atol=1e-6)
+        True
         True
     """
-    route = _route(module, x)
+    route, weight, bias = _route(module, x)
     if route == "kernel":
-        weight = packed_weight(module.weight) if _PACKED else module.weight
-        return _KERNEL(x, weight, module.bias, "none", [], "")
-    if route == "autograd":
-        return OneDNNLinear.apply(x, module.weight, module.bias)
-    return module(x)
+        weight = packed_weight(weight) if _PACKED else weight
+        if residual is not None and not relu and _fusable_residual(residual, x, weight):
+            return _KERNEL_ADD(x, residual, weight, bias, "add")
+        y = _KERNEL(x, weight, bias, "relu" if relu else "none", [], "")
+    else:
+        y = OneDNNLinear.apply(x, weight, bias) if route == "autograd" else module(x)
+        y = F.relu(y) if relu else y
+    return y if residual is None else residual + y
+
+
+def _fusable_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN adds a residual of the output's own shape and layout, a plain contiguous fp32 CPU tensor."""
+    return (_plain_fp32_cpu(residual) and residual.is_contiguous() and not residual.requires_grad
+            and residual.shape == (*x.shape[:-1], weight.shape[0]))
 
 
 # ---- several projections of one input as one product
@@ -247,11 +274,14 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     first = tensors[0]
     if type(first) not in _PLAIN:  # a tensor subclass may have no storage of its own
         return None
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    # Where each tensor's storage begins: equal means one storage (two live ones never start at one address).
+    # Computed from data_ptr, as `untyped_storage()` costs a Python object per call.
+    size = first.element_size()
+    start, offset = first.data_ptr() - first.storage_offset() * size, first.storage_offset()
     for t in tensors:
         if (type(t) not in _PLAIN or not t.is_contiguous() or t.dtype is not first.dtype
-                or t.shape[1:] != first.shape[1:] or t.untyped_storage().data_ptr() != storage
-                or t.storage_offset() != offset):
+                or t.shape[1:] != first.shape[1:] or t.storage_offset() != offset
+                or t.data_ptr() - offset * size != start):
             return None
         offset += t.numel()
     return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
@@ -272,12 +302,13 @@ def project_stacked(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch
         ...     all(torch.allclose(a, m(x), atol=1e-6) for a, m in zip(project_stacked([q, k, v], x), [q, k, v]))
         True
     """
-    if not _PACKED and _route(modules[0], x) == "kernel" and all(
-            _route(m, x, check_context=False) == "kernel" for m in modules[1:]):
-        weight = stacked([m.weight for m in modules])
-        with_bias = [m.bias is not None for m in modules]
-        bias = stacked([m.bias for m in modules]) if all(with_bias) else None
+    routes = [] if _PACKED else [_route(m, x, check_context=i == 0) for i, m in enumerate(modules)]
+    if routes and all(route == "kernel" for route, _, _ in routes):
+        weights, biases = [w for _, w, _ in routes], [b for _, _, b in routes]
+        weight = stacked(weights)
+        with_bias = [b is not None for b in biases]
+        bias = stacked(biases) if all(with_bias) else None
         if weight is not None and (bias is not None or not any(with_bias)):
             out = _KERNEL(x, weight, bias, "none", [], "")
-            return list(out.split([m.out_features for m in modules], dim=-1))
+            return list(out.split([w.shape[0] for w in weights], dim=-1))
     return [project(m, x) for m in modules]

@@ -183,8 +183,13 @@ class OPTDecoderLayer(nn.Module):
         h = h + (F.dropout(a, p=self.dropout, training=True) if self.training else a)
         if not pre:
             h = self.self_attn_layer_norm(h)  # 350m: LayerNorm after the residual
-        f = project(self.fc2, self.act(project(self.fc1, self.final_layer_norm(h) if pre else h)))
-        h = h + (F.dropout(f, p=self.dropout, training=True) if self.training else f)
+        x = self.final_layer_norm(h) if pre else h
+        # ReLU (every OPT checkpoint's) and, outside training, the residual run inside the products on the CPU.
+        f = project(self.fc1, x, relu=True) if self.act is F.relu else self.act(project(self.fc1, x))
+        if self.training:
+            h = h + F.dropout(project(self.fc2, f), p=self.dropout, training=True)
+        else:
+            h = project(self.fc2, f, residual=h)
         if not pre:
             h = self.final_layer_norm(h)
         return (h, weights) if output_attentions else (h,)
