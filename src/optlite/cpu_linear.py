@@ -302,7 +302,9 @@ def project_stacked(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch
         ...     all(torch.allclose(a, m(x), atol=1e-6) for a, m in zip(project_stacked([q, k, v], x), [q, k, v]))
         True
     """
-    routes = [] if _PACKED else [_route(m, x, check_context=i == 0) for i, m in enumerate(modules)]
+    routes = [] if _PACKED else [_route(modules[0], x)]
+    if routes and routes[0][0] == "kernel":  # the others only then: else `project` routes each one anyway
+        routes += [_route(m, x, check_context=False) for m in modules[1:]]
     if routes and all(route == "kernel" for route, _, _ in routes):
         weights, biases = [w for _, w, _ in routes], [b for _, _, b in routes]
         weight = stacked(weights)
