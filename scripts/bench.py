@@ -6,8 +6,8 @@
 
 Cases: prefill 1x512; greedy decode batch 1 (32-token prompt, 128 new) and batch 8 (64 new); one training
 step 4x256 (forward, backward, fused AdamW); decode speed at context 64 vs 1536. Each figure is the median of
-`--repeats` runs; the engines alternate so that machine noise hits all alike. Before timing, every fp32 engine
-must produce transformers' greedy tokens (the int8 engine's agreement is printed).
+`--repeats` runs; the engines alternate, in a new order each round, so that machine noise hits all alike. Before
+timing, every fp32 engine must produce transformers' greedy tokens (the int8 engine's agreement is printed).
 
 CTranslate2 (`pip install -e ".[bench]"`, CPU only) converts the checkpoint transformers saved, with its own
 `TransformersConverter`, and runs it in float32 and in int8 (weights quantized when it loads them).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -66,12 +67,14 @@ def sync(device: str) -> None:
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
-    """Median seconds of each function, running them in turn `repeats` times after one warm-up each."""
+    """Median seconds of each function, running each once per round for `repeats` rounds after one warm-up each.
+    Each round takes them in a new order (seeded), so no engine always follows the same one."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name, fn in rng.sample(list(fns.items()), len(fns)):
             sync(device)
             t0 = time.perf_counter()
             fn()
