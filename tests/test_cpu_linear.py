@@ -18,9 +18,10 @@ pytestmark = pytest.mark.skipif(not onednn_enabled(), reason="this torch build h
 
 
 @contextlib.contextmanager
-def count_onednn(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False) -> Iterator[list[int]]:
     """Count the oneDNN kernels' calls made by `project` (the real kernels still run), the residual-adding one
-    included."""
+    included. The routing is an AMD CPU's whatever CPU the tests run on, or with `mkl_first` an Intel CPU's (one
+    to three rows and training stay `module(x)`'s)."""
     calls = [0]
 
     def counted(real):
@@ -30,6 +31,7 @@ def count_onednn(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return call
 
     with monkeypatch.context() as m:
+        m.setattr(cpu_linear, "_MKL_FIRST", mkl_first)
         m.setattr(cpu_linear, "_KERNEL", counted(cpu_linear._KERNEL))
         m.setattr(cpu_linear, "_KERNEL_ADD", counted(cpu_linear._KERNEL_ADD))
         yield calls
@@ -79,6 +81,51 @@ def test_greedy_generate_matches_transformers_on_the_onednn_path(monkeypatch):
     # the prefill and 7 steps (the 8th token needs no forward), each with q/k/v as one product
     assert calls[0] == 8 * (4 * ours.config.num_hidden_layers + 1)
     assert torch.equal(got, ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_up_to_three_rows_stay_with_the_module_on_an_intel_cpu(monkeypatch, rows):
+    layer, _ = linear()
+    x, h = torch.randn(1, rows, 16), torch.randn(1, rows, 8)
+    with torch.no_grad(), count_onednn(monkeypatch, mkl_first=True) as calls:
+        takes_kernel = eligible(layer, x)
+        got = project(layer, x, relu=True, residual=h)
+    assert takes_kernel == (rows == 4) and calls[0] == (rows == 4)
+    with torch.no_grad():
+        want = h + layer(x).relu()
+    if rows == 4:
+        assert record("onednn 4 rows", got, want, relative=True) < 1e-6
+    else:  # F.linear, then torch's relu and add: the module call itself
+        assert torch.equal(got, want)
+
+
+def test_greedy_generate_matches_transformers_with_intel_cpu_routing(monkeypatch):
+    ref, ours = make_pair("OPTForCausalLM", "pre_ln")
+    ids, mask = batch("left")  # 3 rows: the prefill's 21 on oneDNN, each step's 3 (and the logits' 3) on MKL
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    with count_onednn(monkeypatch, mkl_first=True) as calls:
+        got = ours.generate(ids, **kw)
+    assert calls[0] == 4 * ours.config.num_hidden_layers
+    assert torch.equal(got, ref.generate(ids, **kw))
+
+
+def test_training_stays_with_the_module_on_an_intel_cpu(monkeypatch):
+    ref, ours = make_pair("OPTForCausalLM", "pre_ln")
+    ids, mask = batch("none")
+    ours.train()
+    with count_onednn(monkeypatch, mkl_first=True) as calls:
+        ours(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert calls[0] == 0
+    with count_onednn(monkeypatch, mkl_first=True) as calls, torch.no_grad():
+        ours(ids, attention_mask=mask)  # the same model, 21 rows, outside autograd
+    assert calls[0] == 4 * ours.config.num_hidden_layers + 1
+
+
+def test_only_an_intel_cpu_with_mkl_keeps_mkl_first():
+    assert cpu_linear.mkl_first("GenuineIntel", mkl=True)
+    assert not cpu_linear.mkl_first("GenuineIntel", mkl=False)  # a torch built with another BLAS
+    assert not cpu_linear.mkl_first("AuthenticAMD", mkl=True)
+    assert not cpu_linear.mkl_first("", mkl=True)
 
 
 @pytest.mark.parametrize("bias", [True, False])
