@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import OPTConfig
 from .cpu_linear import project
+from .cross_entropy import IGNORE_INDEX, cross_entropy
 from .generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from .generation import generate as _generate
 from .modeling import OPTModel, OPTPreTrainedModel, config_flag
@@ -144,9 +145,6 @@ class OPTForCausalLM(OPTPreTrainedModel):
         return _generate(self, input_ids, attention_mask, **kwargs)
 
 
-IGNORE_INDEX = -100  # the label value every loss skips (torch's cross_entropy default)
-
-
 def _check_class_ids(ids: torch.Tensor, n: int, name: str, expected: str,
                      ignored: int | None = IGNORE_INDEX) -> None:
     """A ValueError naming the first id outside [0, n) (the loss would raise a bare IndexError, or assert on CUDA)."""
@@ -176,7 +174,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
     _check_class_ids(labels, logits.shape[-1], "labels", "token ids in [0, vocab_size={n}) or -100 (ignored)")
     targets = shift_labels(labels.to(logits.device))
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    return cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor,
