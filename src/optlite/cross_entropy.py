@@ -48,12 +48,15 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         keep = targets != IGNORE_INDEX  # (N,)
         safe = targets.masked_fill(~keep, 0)  # (N,) an ignored row reads column 0, then weighs 0
-        maxes, logs = [], []
-        for rows in _blocks(*logits.shape):
-            m = logits[rows].amax(dim=-1, keepdim=True)  # (n, 1)
-            maxes.append(m)
-            logs.append((logits[rows] - m).exp_().sum(dim=-1, keepdim=True).log_())  # (n, 1)
-        top, log_sum = torch.cat(maxes), torch.cat(logs)  # (N, 1) each
+        blocks = _blocks(*logits.shape)
+        top = logits.amax(dim=-1, keepdim=True)  # (N, 1)
+        log_sum = torch.empty_like(top)  # (N, 1)
+        scratch = logits.new_empty(blocks[0].stop - blocks[0].start, logits.shape[1]) if blocks else None
+        for rows in blocks:  # one scratch block for exp(x - max): no fresh memory per block
+            block = scratch[: rows.stop - rows.start]
+            torch.sub(logits[rows], top[rows], out=block)
+            torch.sum(block.exp_(), dim=-1, keepdim=True, out=log_sum[rows])
+        log_sum.log_()
         log_p = (logits.gather(1, safe[:, None]) - top) - log_sum  # (N, 1) at the targets
         count = keep.sum()
         loss = torch.where(keep, -log_p.squeeze(1), 0).sum() / count  # 0/0 = NaN with every row ignored, as torch
