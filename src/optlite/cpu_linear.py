@@ -1,6 +1,6 @@
 """fp32 projections on the CPU through oneDNN instead of the default BLAS.
 
-`F.linear` on the CPU runs MKL's sgemm, which is slow on AMD CPUs and for a few rows of a decoding step.
+`F.linear` on the CPU runs MKL's sgemm, which is slow on AMD CPUs and for the few rows of batched decoding.
 oneDNN's fp32 kernel (`torch.ops.mkldnn._linear_pointwise`) computes the same product from the same, plain
 weight (no copy, no packing) 1.3-3x faster on every row count of OPT's decoding and prefill on AMD CPUs. On an
 Intel CPU, where MKL runs its own best kernels, only inference products of four rows or more take it (see
@@ -20,8 +20,8 @@ own product again, as does any module with hooks, and training always runs them 
 Turn it off with the environment variable `OPTLITE_ONEDNN_LINEAR=0` (read at import) or `use_onednn(False)`.
 
 Opt-in, `OPTLITE_ONEDNN_LINEAR=packed` or `use_onednn(packed=True)`: inference projections run on a copy of each
-weight reordered into oneDNN's blocked layout, made on first use; faster for decoding (few rows), at the cost of a
-second copy of every weight in memory (opt-125m: peak RSS 1.26 GiB against 0.90 GiB). A copy is remade when its
+weight reordered into oneDNN's blocked layout, made on first use; faster for decoding (few rows; on an Intel CPU
+from four rows, as one to three stay MKL's), at the cost of a second copy of every weight in memory (opt-125m: peak RSS 1.26 GiB against 0.90 GiB). A copy is remade when its
 weight changes: its `_version` (in-place writes), its storage (`weight.data = ...`), or a step of any torch
 optimizer holding it (the fused AdamW kernel leaves `_version` as it was). Writes through `weight.data`
 (`weight.data.mul_(2)`) are not tracked by `_version` either: call `use_onednn(packed=True)` again after those to
