@@ -92,3 +92,10 @@ def test_causal_lm_training_step_matches_transformers_on_the_loss():
     assert record("causal LM loss", a.loss.detach(), b.loss.detach(), relative=True) < 1e-6
     got, want = ours.lm_head.weight.grad, ref.lm_head.weight.grad
     assert record("causal LM loss, tied head gradient", got, want, relative=True) < 1e-5
+
+
+def test_other_devices_run_torchs_loss():
+    # Blocks pay on the CPU's caches; on a GPU they would be kernel launches. The meta device stands in for one.
+    logits = torch.randn(4, 9, device="meta", requires_grad=True)
+    loss = cross_entropy(logits, torch.zeros(4, dtype=torch.long, device="meta"))
+    assert loss.is_meta and type(loss.grad_fn).__name__ == "NllLossBackward0"

@@ -56,7 +56,9 @@ def test_compile_fullgraph_with_labels_gives_the_loss(pair):
     labels = ids.masked_fill(mask == 0, -100)
     compiled = torch.compile(ours, fullgraph=True, backend=_counting())
     got = compiled(ids, attention_mask=mask, labels=labels).loss
-    assert torch.equal(got, ours(ids, attention_mask=mask, labels=labels).loss)
+    # compiled, the loss is F.cross_entropy's; eager, optlite's blockwise one: equal to fp32 rounding
+    assert record("compiled loss vs eager", got, ours(ids, attention_mask=mask, labels=labels).loss,
+                  relative=True) < 1e-6
     assert record("compiled loss", got, ref(ids, attention_mask=mask, labels=labels).loss, relative=True) < 1e-5
 
 

@@ -21,11 +21,11 @@ Turn it off with the environment variable `OPTLITE_ONEDNN_LINEAR=0` (read at imp
 
 Opt-in, `OPTLITE_ONEDNN_LINEAR=packed` or `use_onednn(packed=True)`: inference projections run on a copy of each
 weight reordered into oneDNN's blocked layout, made on first use; faster for decoding (few rows; on an Intel CPU
-from four rows, as one to three stay MKL's), at the cost of a second copy of every weight in memory (opt-125m: peak RSS 1.26 GiB against 0.90 GiB). A copy is remade when its
-weight changes: its `_version` (in-place writes), its storage (`weight.data = ...`), or a step of any torch
-optimizer holding it (the fused AdamW kernel leaves `_version` as it was). Writes through `weight.data`
-(`weight.data.mul_(2)`) are not tracked by `_version` either: call `use_onednn(packed=True)` again after those to
-drop every copy.
+from four rows, as one to three stay MKL's), at the cost of a second copy of every weight in memory (opt-125m: peak
+RSS 1.26 GiB against 0.90 GiB). A copy is remade when its weight changes: its `_version` (in-place writes), its
+storage (`weight.data = ...`), or a step of any torch optimizer holding it (the fused AdamW kernel leaves `_version`
+as it was). Writes through `weight.data` (`weight.data.mul_(2)`) are not tracked by `_version` either: call
+`use_onednn(packed=True)` again after those to drop every copy.
 """
 
 from __future__ import annotations

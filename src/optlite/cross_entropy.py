@@ -1,12 +1,13 @@
-"""The language-modelling loss, cross entropy over a vocabulary-wide row, computed block by block.
+"""The language-modelling loss on the CPU: cross entropy over a vocabulary-wide row, computed block by block.
 
 `F.cross_entropy` keeps an (N, V) log-softmax for the backward pass and, in it, fills an (N, V) tensor of zeros
 for the loss's gradient, then reads both again to make the logits' gradient. At OPT's vocabulary those are the
 largest tensors of a training step (4x256 tokens: 206 MB each), each a pass over memory and, freshly allocated, a
-page fault per 4 KB. `cross_entropy` keeps one log-sum-exp per row instead and writes the gradient in one pass,
-a few rows at a time so that each block's intermediates stay in cache. Same value and gradient as
-`F.cross_entropy(logits, targets, ignore_index=-100)` (mean over the targets not ignored; NaN when all are), to
-fp32 rounding.
+page fault per 4 KB. `cross_entropy` keeps two numbers per row instead (the row's maximum and the log of its sum
+of exponentials) and writes the gradient in one pass, a few rows at a time so that each block's intermediates
+stay in cache. Same value and gradient as `F.cross_entropy(logits, targets, ignore_index=-100)` (mean over the
+targets not ignored; NaN when all are), to fp32 rounding. On other devices, under compile (inductor fuses the
+loss itself, and the blocks would tie a graph to N) and under torch.func transforms it is `F.cross_entropy`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ _BLOCK_ELEMENTS = 1 << 20  # a block of rows: 4 MB of fp32 logits, the size of a
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of (N, V) logits against (N,) class ids; IGNORE_INDEX rows are left out. Under a
-    torch.func transform (grad, vmap) it is `F.cross_entropy` itself.
+    """Mean cross entropy of (N, V) logits against (N,) class ids; IGNORE_INDEX rows are left out.
 
     Example:
         >>> import torch
@@ -30,8 +30,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         >>> round(cross_entropy(logits, torch.tensor([1, -100])).item(), 4)  # log(4)
         1.3863
     """
-    # The blocks write in place, which vmap cannot (compile reads this check as a transform of its own).
-    if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
+    # The blocks write in place, which vmap cannot; on a GPU each block would be kernel launches, not cache reuse.
+    if (not logits.is_cpu or torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
     return _CrossEntropy.apply(logits, targets)[0]
 
