@@ -32,6 +32,7 @@ def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False) -> It
 
     with monkeypatch.context() as m:
         m.setattr(cpu_linear, "_MKL_FIRST", mkl_first)
+        m.setattr(cpu_linear, "_MKL_TRAINS", mkl_first)
         m.setattr(cpu_linear, "_KERNEL", counted(cpu_linear._KERNEL))
         m.setattr(cpu_linear, "_KERNEL_ADD", counted(cpu_linear._KERNEL_ADD))
         yield calls
@@ -126,6 +127,13 @@ def test_only_an_intel_cpu_with_mkl_keeps_mkl_first():
     assert not cpu_linear.mkl_first("GenuineIntel", mkl=False)  # a torch built with another BLAS
     assert not cpu_linear.mkl_first("AuthenticAMD", mkl=True)
     assert not cpu_linear.mkl_first("", mkl=True)
+
+
+def test_training_stays_mkl_on_intel_and_on_cpus_without_avx512():
+    assert cpu_linear.mkl_trains("GenuineIntel", mkl=True, avx512=True)
+    assert cpu_linear.mkl_trains("AuthenticAMD", mkl=True, avx512=False)
+    assert not cpu_linear.mkl_trains("AuthenticAMD", mkl=True, avx512=True)
+    assert not cpu_linear.mkl_trains("AuthenticAMD", mkl=False, avx512=False)  # the rule keeps MKL, not another BLAS
 
 
 @pytest.mark.parametrize("bias", [True, False])

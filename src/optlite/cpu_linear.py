@@ -1,15 +1,15 @@
 """fp32 projections on the CPU through oneDNN instead of the default BLAS.
 
 `F.linear` on the CPU runs MKL's sgemm, which is slow on AMD CPUs and for the few rows of batched decoding.
-oneDNN's fp32 kernel (`torch.ops.mkldnn._linear_pointwise`) computes the same product from the same, plain
-weight (no copy, no packing) 1.3-3x faster on every row count of OPT's decoding and prefill on AMD CPUs. On an
-Intel CPU, where MKL runs its own best kernels, only inference products of four rows or more take it (see
-`mkl_first`). The model calls `project(module, x)` where it would call `module(x)`; the oneDNN kernel is taken
-only when that is provably the same computation as `module(x)`, else `module(x)` runs exactly as before, so hooks,
-PEFT adapters, accelerate's offloading, tensor subclasses (torchao), autocast, compile, tracing and autograd see a
-plain `nn.Linear` call.
-On the kernel, fc1's ReLU and (outside training) fc2's residual add run inside the product as oneDNN post-ops:
-decoding's small element-wise ops each cost a pass through caches the streamed weights keep evicting.
+oneDNN's fp32 kernel (`torch.ops.mkldnn._linear_pointwise`) computes the same product from the same, plain weight
+(no copy, no packing) 1.3-3x faster on every row count of OPT's decoding and prefill on AMD CPUs. On an Intel CPU,
+where MKL runs its own best kernels, only inference products of four rows or more take it (see `mkl_first`), and on
+CPUs without AVX-512 training stays MKL's (`mkl_trains`). The model calls `project(module, x)` where it would call
+`module(x)`; the oneDNN kernel is taken only when that is provably the same computation as `module(x)`, else
+`module(x)` runs exactly as before, so hooks, PEFT adapters, accelerate's offloading, tensor subclasses (torchao),
+autocast, compile, tracing and autograd see a plain `nn.Linear` call. On the kernel, fc1's ReLU and (outside
+training) fc2's residual add run inside the product as oneDNN post-ops: decoding's small element-wise ops each cost
+a pass through caches the streamed weights keep evicting.
 
 Each attention layer keeps its q/k/v weights (and biases) as views of one buffer (`share_storage`): the same three
 Parameters, state_dict and files, but `project_stacked` reads them as one matrix, one product instead of three
@@ -89,7 +89,22 @@ def mkl_first(vendor: str, mkl: bool) -> bool:
     return mkl and vendor == "GenuineIntel"
 
 
+def mkl_trains(vendor: str, mkl: bool, avx512: bool) -> bool:
+    """Whether training's products stay F.linear's (MKL): where `mkl_first`, and on CPUs without AVX-512. On an
+    AVX2-only AMD EPYC (family 25 model 1) MKL's and oneDNN's products of a 4x256 step ran at the same 114-176
+    GFLOP/s, and the step took 4% longer with oneDNN's forward and input gradient (two in-process A/B runs); on an
+    AVX-512 AMD EPYC oneDNN's made the step faster.
+
+    Example:
+        >>> mkl_trains("AuthenticAMD", mkl=True, avx512=False), mkl_trains("AuthenticAMD", mkl=True, avx512=True)
+        (True, False)
+    """
+    return mkl_first(vendor, mkl) or (mkl and not avx512)
+
+
 _MKL_FIRST = mkl_first(cpu_vendor(), torch.backends.mkl.is_available())
+_MKL_TRAINS = mkl_trains(cpu_vendor(), torch.backends.mkl.is_available(),
+                         torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 _MKL_ROWS = 3  # the row count up to which MKL keeps a product when _MKL_FIRST
 _AVAILABLE = _KERNEL is not None
 _PLAIN = (torch.Tensor, nn.Parameter)  # exactly these types: a subclass (torchao, fake tensors) has its own linear
@@ -224,7 +239,7 @@ def _route(module: nn.Module, x: torch.Tensor, check_context: bool = True) -> tu
     if check_context and not _context_is_plain():
         return "module", None, None
     grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-    if _MKL_FIRST and (grad or x.numel() <= _MKL_ROWS * x.shape[-1]):
+    if (grad and _MKL_TRAINS) or (_MKL_FIRST and x.numel() <= _MKL_ROWS * x.shape[-1]):
         return "module", None, None
     return ("autograd" if grad else "kernel"), w, b
 
