@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(not onednn_enabled(), reason="this torch build h
 @contextlib.contextmanager
 def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False) -> Iterator[list[int]]:
     """Count the oneDNN kernels' calls made by `project` (the real kernels still run), the residual-adding one
-    included. The routing is an AMD CPU's whatever CPU the tests run on, or with `mkl_first` an Intel CPU's (one
-    to three rows and training stay `module(x)`'s)."""
+    included. The routing is an AVX-512 AMD CPU's whatever CPU the tests run on, or with `mkl_first` an Intel
+    CPU's (one to three rows and training stay `module(x)`'s)."""
     calls = [0]
 
     def counted(real):
