@@ -102,9 +102,9 @@ def mkl_trains(vendor: str, mkl: bool, avx512: bool) -> bool:
     return mkl_first(vendor, mkl) or (mkl and not avx512)
 
 
-_MKL_FIRST = mkl_first(cpu_vendor(), torch.backends.mkl.is_available())
-_MKL_TRAINS = mkl_trains(cpu_vendor(), torch.backends.mkl.is_available(),
-                         torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+_VENDOR, _MKL = cpu_vendor(), torch.backends.mkl.is_available()
+_MKL_FIRST = mkl_first(_VENDOR, _MKL)
+_MKL_TRAINS = mkl_trains(_VENDOR, _MKL, torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 _MKL_ROWS = 3  # the row count up to which MKL keeps a product when _MKL_FIRST
 _AVAILABLE = _KERNEL is not None
 _PLAIN = (torch.Tensor, nn.Parameter)  # exactly these types: a subclass (torchao, fake tensors) has its own linear
