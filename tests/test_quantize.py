@@ -69,6 +69,29 @@ def test_quantize_in_place_on_a_built_model():
     assert got.dtype == torch.float32 and relative_error(got, want) < 0.01
 
 
+def test_int8_fc1_runs_its_relu_in_the_product_unless_hooked(monkeypatch):
+    torch.manual_seed(0)
+    model = quantize_(optlite.OPTForCausalLM(optlite.OPTConfig.from_preset("opt-tiny")).eval())
+    layers = model.model.decoder.layers
+    x = torch.randn(2, 5, layers[0].fc1.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layers[0].fc1.forward_relu(x), F.relu(layers[0].fc1(x)), rtol=1e-6, atol=0)
+    fused = []
+    original = Int8Linear.forward_relu
+    monkeypatch.setattr(Int8Linear, "forward_relu", lambda self, x: fused.append(self) or original(self, x))
+    ids = torch.tensor([[2, 7, 1, 300, 41, 9]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        assert fused == [layer.fc1 for layer in layers]  # every fc1, once
+        seen = []
+        layers[0].fc1.register_forward_hook(lambda m, i, o: seen.append(o))
+        fused.clear()
+        hooked = model(ids).logits
+    assert fused == [layer.fc1 for layer in layers[1:]]  # the hooked one runs as module(x), then F.relu
+    assert len(seen) == 1 and (seen[0] < 0).any()  # the hook sees fc1's output before the ReLU
+    torch.testing.assert_close(hooked, plain, rtol=1e-6, atol=1e-6)
+
+
 def test_int8_input_range_follows_the_cpu(monkeypatch):
     linear = torch.nn.Linear(64, 32)
     for vnni in (True, False):

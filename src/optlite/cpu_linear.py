@@ -170,12 +170,18 @@ def _plain_fp32_cpu(t: torch.Tensor) -> bool:
     return type(t) in _PLAIN and t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided
 
 
+def _unhooked(module: nn.Module) -> bool:
+    """No hook of its own and no per-instance forward (accelerate, patching): `module(x)` runs its class's
+    forward and nothing else (global hooks aside)."""
+    return not ("forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks)
+
+
 def _plain_parameters(module: nn.Module) -> tuple[Any, Any] | None:
-    """(weight, bias) of an nn.Linear (not a subclass) with no hook of its own and no per-instance forward
-    (accelerate, patching); None for any other module. Read from `_parameters`: `module.weight` goes through
-    nn.Module.__getattr__, a measurable cost at decoding's ~50 projections a token."""
-    if (type(module) is not nn.Linear or "forward" in module.__dict__ or module._forward_hooks
-            or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks):
+    """(weight, bias) of an nn.Linear (not a subclass) that is `_unhooked`; None for any other module. Read from
+    `_parameters`: `module.weight` goes through nn.Module.__getattr__, a measurable cost at decoding's ~50
+    projections a token."""
+    if type(module) is not nn.Linear or not _unhooked(module):
         return None
     params = module._parameters
     if "weight" not in params or "bias" not in params:  # one replaced by a plain attribute: module(x) reads that
@@ -253,7 +259,8 @@ def project(module: nn.Module, x: torch.Tensor, *, relu: bool = False,
             residual: torch.Tensor | None = None) -> torch.Tensor:
     """`module(x)`, computed by oneDNN's fp32 kernel when that is the same computation (see `eligible`); with
     `relu`, `F.relu(module(x))`, and with `residual`, `residual + ...`. On the kernel both run inside the product
-    (oneDNN post-ops: no separate pass over the output), otherwise as those two torch calls.
+    (oneDNN post-ops: no separate pass over the output), otherwise as those two torch calls; a module whose class
+    has `forward_relu(x)` (the int8 mode's layer) runs its own fused ReLU when nothing hooks it.
 
     Example:
         >>> import torch
@@ -273,6 +280,8 @@ def project(module: nn.Module, x: torch.Tensor, *, relu: bool = False,
         if residual is not None and not relu and _fusable_residual(residual, x, weight):
             return _KERNEL_ADD(x, residual, weight, bias, "add")
         y = _KERNEL(x, weight, bias, "relu" if relu else "none", [], "")
+    elif relu and hasattr(type(module), "forward_relu") and _unhooked(module) and not any(_GLOBAL_HOOKS):
+        y = module.forward_relu(x)  # a layer with a fused ReLU of its own (the int8 mode's)
     else:
         y = OneDNNLinear.apply(x, weight, bias) if route == "autograd" else module(x)
         y = F.relu(y) if relu else y

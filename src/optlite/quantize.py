@@ -93,6 +93,14 @@ class Int8Linear(nn.Module):
             raise TypeError(f"Int8Linear takes float32 input, got {x.dtype}")
         return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
 
+    def forward_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """`F.relu(self(x))` in one fbgemm kernel: the ReLU runs on the output tiles, not as a pass of its own
+        (fc1's output is the largest activation of a layer). `cpu_linear.project` calls it for a layer without
+        hooks, which would see the output before the ReLU."""
+        if x.dtype != torch.float32:
+            raise TypeError(f"Int8Linear takes float32 input, got {x.dtype}")
+        return torch.ops.quantized.linear_relu_dynamic(x, self.packed, self.reduce_range)
+
     def nbytes(self) -> int:
         """Bytes fbgemm holds for this layer: the int8 weight twice (its packed layout and the plain one), the
         per-row scales and zero points (float64 and int64, as torch's quantized tensors keep them) and the bias."""
