@@ -103,6 +103,18 @@ def test_no_repeat_ngram_bans_the_completing_token():
     assert torch.equal(no_repeat_ngram(torch.zeros(1, 6), torch.tensor([[4]]), 2), torch.zeros(1, 6))
 
 
+def test_suppressed_ids_outside_the_vocabulary_change_nothing():
+    scores, ids = random_scores()
+    vocab = scores.shape[-1]
+    eos = torch.tensor([3, vocab, -1, 7, 3, vocab + 40])  # out of range, negative and repeated ids
+    ref = tlp.MinLengthLogitsProcessor(20, eos)(ids, scores)
+    got = suppress_eos(scores, ids.shape[1], 20, eos)
+    assert torch.equal(got, ref)
+    assert torch.isinf(got).sum() == 2 * scores.shape[0] and torch.isinf(got[:, [3, 7]]).all()
+    ref = tlp.SuppressTokensLogitsProcessor([5, vocab + 2, 0])(ids, scores)
+    assert torch.equal(suppress_eos(scores, 0, 1, torch.tensor([5, vocab + 2, 0])), ref)
+
+
 def test_suppress_eos_matches_min_length_processors():
     scores, ids = random_scores()
     eos = torch.tensor([3, 7])

@@ -64,10 +64,22 @@ def suppress_eos(scores: torch.Tensor, cur_len: int, min_length: int, eos: torch
         >>> suppress_eos(torch.zeros(1, 3), cur_len=4, min_length=6, eos=torch.tensor([2]))
         tensor([[0., 0., -inf]])
     """
-    if cur_len >= min_length:
-        return scores
-    eos_mask = torch.isin(torch.arange(scores.shape[-1], device=scores.device), eos)
-    return torch.where(eos_mask, -float("inf"), scores)
+    return scores if cur_len >= min_length else ban(scores, eos)
+
+
+def ban(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`scores` with the columns of `tokens` at -inf; ids outside the vocabulary change nothing. One pass over
+    the scores and no host sync: such ids mark a spare column of the mask, which is cut off.
+
+    Example:
+        >>> ban(torch.zeros(1, 3), torch.tensor([1, 5, -1]))
+        tensor([[0., -inf, 0.]])
+    """
+    vocab = scores.shape[-1]
+    tokens = tokens.to(scores.device).reshape(-1)
+    columns = torch.where((tokens >= 0) & (tokens < vocab), tokens, vocab)
+    banned = torch.zeros(vocab + 1, dtype=torch.bool, device=scores.device).index_fill_(0, columns, True)
+    return scores.masked_fill(banned[:vocab], NEG_INF)
 
 
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -181,8 +193,7 @@ def force_tokens(scores: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
 
 def suppress(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """`tokens` can never be chosen (suppress_tokens, begin_suppress_tokens)."""
-    banned = torch.isin(torch.arange(scores.shape[-1], device=scores.device), tokens.to(scores.device))
-    return torch.where(banned, NEG_INF, scores)
+    return ban(scores, tokens)
 
 
 def remove_invalid(scores: torch.Tensor) -> torch.Tensor:
