@@ -30,6 +30,7 @@ from optlite.generation import (
     top_k_filter,
     top_p_filter,
 )
+from optlite.logits_processors import suppress
 
 SHAPES = ["pre_ln", "post_ln_proj"]
 PAD = 1
@@ -112,7 +113,7 @@ def test_suppressed_ids_outside_the_vocabulary_change_nothing():
     assert torch.equal(got, ref)
     assert torch.isinf(got).sum() == 2 * scores.shape[0] and torch.isinf(got[:, [3, 7]]).all()
     ref = tlp.SuppressTokensLogitsProcessor([5, vocab + 2, 0])(ids, scores)
-    assert torch.equal(suppress_eos(scores, 0, 1, torch.tensor([5, vocab + 2, 0])), ref)
+    assert torch.equal(suppress(scores, torch.tensor([5, vocab + 2, 0])), ref)
 
 
 def test_suppress_eos_matches_min_length_processors():
