@@ -44,6 +44,13 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself, after checking it is float32: fbgemm's kernels would fail deep inside on any other dtype."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"Int8Linear takes float32 input, got {x.dtype}")
+    return x
+
+
 class Int8Linear(nn.Module):
     """A linear layer with an int8 weight (per-output-row scales) and fp32 input, output and bias.
 
@@ -89,17 +96,13 @@ class Int8Linear(nn.Module):
             destination[prefix + "bias"] = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            raise TypeError(f"Int8Linear takes float32 input, got {x.dtype}")
-        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
+        return torch.ops.quantized.linear_dynamic(_float32(x), self.packed, self.reduce_range)
 
     def forward_relu(self, x: torch.Tensor) -> torch.Tensor:
         """`F.relu(self(x))` in one fbgemm kernel: the ReLU runs on the output tiles, not as a pass of its own
         (fc1's output is the largest activation of a layer). `cpu_linear.project` calls it for a layer without
         hooks, which would see the output before the ReLU."""
-        if x.dtype != torch.float32:
-            raise TypeError(f"Int8Linear takes float32 input, got {x.dtype}")
-        return torch.ops.quantized.linear_relu_dynamic(x, self.packed, self.reduce_range)
+        return torch.ops.quantized.linear_relu_dynamic(_float32(x), self.packed, self.reduce_range)
 
     def nbytes(self) -> int:
         """Bytes fbgemm holds for this layer: the int8 weight twice (its packed layout and the plain one), the
