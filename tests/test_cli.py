@@ -1,5 +1,7 @@
-"""The `optlite` command, run as a subprocess on a tiny checkpoint with the real OPT tokenizer."""
+"""The `optlite` command on a tiny checkpoint with the real OPT tokenizer: its `main()` in this process, and as a
+subprocess for what only a process shows (the exit status, stdin, log handlers, environment read at import)."""
 
+import logging
 import math
 import os
 import subprocess
@@ -21,13 +23,34 @@ def optlite(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
                           env=env, timeout=120)
 
 
+@pytest.fixture
+def cli(capsys, one_thread, hf_offline):
+    """Runs `main(args)` as the console script does, here (a subprocess pays seconds of imports): the exit status,
+    stdout and stderr, as `optlite(...)` gives them."""
+    from optlite.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse: --help, usage errors
+            code = e.code
+        finally:  # main() logs through a handler bound to this test's captured stderr
+            log = logging.getLogger("optlite")
+            for handler in [h for h in log.handlers if getattr(h, "_optlite_cli", False)]:
+                log.removeHandler(handler)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
 
 def test_console_script_is_declared():
     assert any(ep.name == "optlite" and ep.value == "optlite.cli:main" for ep in entry_points(group="console_scripts"))
 
 
-def test_generate_streams_each_prompt(checkpoint):
-    done = optlite("generate", str(checkpoint), "Hello there", "A photo of", "--max-new-tokens", "5")
+def test_generate_streams_each_prompt(cli, checkpoint):
+    done = cli("generate", str(checkpoint), "Hello there", "A photo of", "--max-new-tokens", "5")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("Hello there") and lines[1].startswith("A photo of")
@@ -43,19 +66,19 @@ def test_generate_reads_stdin_and_matches_the_library(checkpoint):
     assert done.stdout == "In the city of" + generate_text(model, tok, "In the city of", max_new_tokens=6) + "\n"
 
 
-def test_sampling_with_a_seed_is_reproducible(checkpoint):
+def test_sampling_with_a_seed_is_reproducible(cli, checkpoint):
     args = ["generate", str(checkpoint), "Once", "--temperature", "0.9", "--top-p", "0.8", "--max-new-tokens", "8"]
-    a, b, c = optlite(*args, "--seed", "1"), optlite(*args, "--seed", "1"), optlite(*args, "--seed", "2")
+    a, b, c = cli(*args, "--seed", "1"), cli(*args, "--seed", "1"), cli(*args, "--seed", "2")
     assert a.returncode == b.returncode == c.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout != c.stdout
 
 
-def test_score_prints_the_perplexity_transformers_gives(checkpoint, tmp_path):
+def test_score_prints_the_perplexity_transformers_gives(cli, checkpoint, tmp_path):
     import transformers
 
     text = "The quick brown fox jumps over the lazy dog. " * 4
     (tmp_path / "t.txt").write_text(text)
-    done = optlite("score", str(checkpoint), str(tmp_path / "t.txt"), "--max-length", "64", "--stride", "60")
+    done = cli("score", str(checkpoint), str(tmp_path / "t.txt"), "--max-length", "64", "--stride", "60")
     assert done.returncode == 0, done.stderr
     ids = OPTTokenizer.from_pretrained(checkpoint)(text, return_tensors="pt").input_ids
     assert ids.shape[1] <= 60  # one window: the perplexity is exp of transformers' loss on the whole text
@@ -66,23 +89,23 @@ def test_score_prints_the_perplexity_transformers_gives(checkpoint, tmp_path):
     assert abs(printed - expected) / expected < 1e-3, (printed, expected)
 
 
-def test_info_on_a_checkpoint_and_a_preset(checkpoint):
+def test_info_on_a_checkpoint_and_a_preset(cli, checkpoint):
     import transformers
 
-    done = optlite("info", str(checkpoint))
+    done = cli("info", str(checkpoint))
     assert done.returncode == 0, done.stderr
     n = transformers.OPTForCausalLM.from_pretrained(checkpoint).num_parameters()
     assert f"parameters  {n:,}" in done.stdout
     assert "safetensors, 1 shard(s)" in done.stdout and "model.decoder.*" in done.stdout
-    preset = optlite("info", "opt-350m")
+    preset = cli("info", "opt-350m")
     assert preset.returncode == 0, preset.stderr
     assert "parameters  331,196,416" in preset.stdout and "post-LayerNorm" in preset.stdout
 
 
-def test_convert_writes_what_transformers_reads(checkpoint, tmp_path):
+def test_convert_writes_what_transformers_reads(cli, checkpoint, tmp_path):
     import transformers
 
-    done = optlite("convert", str(checkpoint), str(tmp_path / "fp16"), "--dtype", "float16")
+    done = cli("convert", str(checkpoint), str(tmp_path / "fp16"), "--dtype", "float16")
     assert done.returncode == 0, done.stderr
     ref = transformers.OPTForCausalLM.from_pretrained(tmp_path / "fp16", dtype="auto")
     assert ref.dtype == torch.float16
@@ -103,14 +126,21 @@ def test_convert_writes_what_transformers_reads(checkpoint, tmp_path):
     (["generate", "opt-tiny", "hi", "--device", "gpu"], 1, "optlite: error: --device 'gpu' is not a device"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
 ])
-def test_errors_are_one_line_without_traceback(args, code, message):
+def test_errors_are_one_line_without_traceback(cli, args, code, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    done = optlite(*args)
+    done = cli(*args)
     assert done.returncode == code
     assert message in done.stderr and "Traceback" not in done.stderr
     if code == 1:
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("args,code", [(["generate", "/no/such/model", "hi"], 1), (["frobnicate"], 2)])
+def test_the_process_exits_with_the_error_status(args, code):
+    done = optlite(*args)
+    assert done.returncode == code and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == (1 if code == 1 else 2), done.stderr  # argparse: usage + error
 
 
 @pytest.mark.parametrize("command,options", [
@@ -120,15 +150,15 @@ def test_errors_are_one_line_without_traceback(args, code, message):
     ("info", ["MODEL"]),
     ("convert", ["--dtype", "--max-shard-size", "SRC", "DST"]),
 ])
-def test_help_lists_every_option(command, options):
-    done = optlite(command, "--help")
+def test_help_lists_every_option(cli, command, options):
+    done = cli(command, "--help")
     assert done.returncode == 0
     for option in options:
         assert option in done.stdout, option
 
 
-def test_info_shows_small_sizes_in_small_units(checkpoint):
-    done = optlite("info", str(checkpoint))
+def test_info_shows_small_sizes_in_small_units(cli, checkpoint):
+    done = cli("info", str(checkpoint))
     assert done.returncode == 0, done.stderr
     assert "0.00 GiB" not in done.stdout
     n = int(done.stdout.split("parameters  ")[1].split()[0].replace(",", ""))
