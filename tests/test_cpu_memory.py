@@ -1,0 +1,87 @@
+"""glibc's malloc thresholds after `import optlite` and after a forward, read through mallinfo2 in fresh processes
+(glibc's state depends on everything a process freed before, so only a new one shows what optlite did)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optlite import cpu_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Allocates three 6 MiB tensors (fc1's output at 512 tokens of opt-125m), frees them, then one of 40 MiB, and
+# reports in MiB how much came as mappings of their own and how much of the heap stayed after the free, right after
+# `import optlite` or after a tiny model's forward (one or the other: glibc's thresholds rise as blocks are freed).
+CHILD = """
+import ctypes, json, sys
+import torch
+import optlite
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def measure():
+    before = libc.mallinfo2()
+    xs = [torch.ones(6 << 18) for _ in range(3)]
+    during = libc.mallinfo2()
+    del xs
+    after = libc.mallinfo2()
+    big = torch.ones(10 << 20)
+    return {"mapped": (during.hblkhd - before.hblkhd) / 2**20, "kept": (after.arena - before.arena) / 2**20,
+            "big_mapped": (libc.mallinfo2().hblkhd - after.hblkhd) / 2**20}
+
+if sys.argv[1] == "forward":
+    config = optlite.OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    optlite.OPTForCausalLM(config)(torch.tensor([[2, 5, 7]]))
+print(json.dumps(measure()))
+"""
+
+pytestmark = pytest.mark.skipif(not cpu_memory.glibc(), reason="glibc's malloc only")
+
+
+def child(stage: str, **env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", CHILD, stage], capture_output=True, text=True, timeout=120,
+                          env={**environ, "PYTHONPATH": str(ROOT / "src"), **env})
+    if "mallinfo2" in done.stderr:
+        pytest.skip("glibc older than 2.33: no mallinfo2")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_after_a_forward_activations_come_from_the_heap_and_stay_for_reuse():
+    got = child("forward")
+    assert got["mapped"] == 0, got
+    assert got["kept"] >= 17, got  # 18 MiB freed, below the 64 MiB trim threshold: kept for the next forward
+    assert got["big_mapped"] >= 40, got  # above 32 MiB: a mapping of its own, returned when freed
+
+
+def test_import_and_loading_leave_glibc_as_it_starts():
+    got = child("import")
+    assert got["mapped"] >= 18 and got["kept"] < 1, got  # glibc's starting 128 KiB threshold maps each tensor
+
+
+def test_opting_out_leaves_glibc_as_it_starts():
+    got = child("forward", OPTLITE_TUNE_MALLOC="0")
+    assert got["mapped"] >= 18 and got["kept"] < 1, got
+
+
+def test_a_threshold_the_user_set_stands():
+    got = child("forward", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    assert got["mapped"] >= 18, got  # 6 MiB is over the user's 1 MiB: mapped, as they asked
+
+
+def test_tune_malloc_returns_whether_it_set_them(monkeypatch):
+    monkeypatch.setenv("OPTLITE_TUNE_MALLOC", "off")
+    assert cpu_memory.tune_malloc() is False
+    for name in ("OPTLITE_TUNE_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    assert cpu_memory.tune_malloc() is True
