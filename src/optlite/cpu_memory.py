@@ -4,22 +4,21 @@ glibc gives an allocation above its mmap threshold a mapping of its own, and han
 system once more than its trim threshold lies free there. Both start low (128 KiB) and rise only as the program
 frees large blocks, up to 32 MiB and 64 MiB. Until they have risen, every forward's large activations (fc1's
 output is 6 MiB for 512 tokens of opt-125m) arrive as fresh pages that the kernel faults in and zeroes: an int8
-1x512 prefill of opt-125m took 17,000-22,000 page faults and 7-10% longer than with the thresholds raised (fresh
-processes, alternating, on an AMD EPYC), and whether they had risen depended on what the program freed before.
+1x512 prefill of opt-125m took 18,700-31,000 page faults in most fresh processes (scripts/bench_malloc.py), and at
+the thresholds glibc had reached there, 1.12x as long as with them raised (one process, alternating, on an AMD
+EPYC). Whether they had risen depended on what the process had freed first.
 
 The first forward of an optlite model sets both to glibc's own ceiling (`tune_malloc_once`). That keeps at most
 64 MiB of freed memory at the top of the heap for reuse; blocks over 32 MiB (the logits of long batches) still get
 mappings of their own. Not at import: loading keeps glibc's defaults, which return each tensor read and freed on
 the way (an int8 load of a 206 MB-in-fp32 model peaked at 0.62x its fp32 size so, 0.92x with the thresholds
-raised before it). Nothing changes
-outside glibc (macOS, Windows, musl), when the user set either threshold (MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES),
-or with the environment variable `OPTLITE_TUNE_MALLOC=0`.
+raised before it). Nothing changes outside glibc (macOS, Windows, musl), when the user set either threshold
+(MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES), or with the environment variable `OPTLITE_TUNE_MALLOC=0`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
@@ -63,7 +62,7 @@ def tune_malloc() -> bool:
     if not glibc() or user_chose_thresholds(os.environ):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols, glibc's among them
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
