@@ -31,12 +31,14 @@ def cli(capsys, one_thread, hf_offline):
 
     def run(*args: str) -> subprocess.CompletedProcess:
         capsys.readouterr()
+        log = logging.getLogger("optlite")
+        level = log.level
         try:
             code = main(list(args))
         except SystemExit as e:  # argparse: --help, usage errors
             code = e.code
-        finally:  # main() logs through a handler bound to this test's captured stderr
-            log = logging.getLogger("optlite")
+        finally:  # main() sets the level and adds a handler bound to this test's captured stderr: undo both
+            log.setLevel(level)
             for handler in [h for h in log.handlers if getattr(h, "_optlite_cli", False)]:
                 log.removeHandler(handler)
         out = capsys.readouterr()
