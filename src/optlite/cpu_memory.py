@@ -4,7 +4,7 @@ glibc gives an allocation above its mmap threshold a mapping of its own, and han
 system once more than its trim threshold lies free there. Both start low (128 KiB) and rise only as the program
 frees large blocks, up to 32 MiB and 64 MiB. Until they have risen, every forward's large activations (fc1's
 output is 6 MiB for 512 tokens of opt-125m) arrive as fresh pages that the kernel faults in and zeroes: an int8
-1x512 prefill of opt-125m took 18,700-31,000 page faults in most fresh processes (scripts/bench_malloc.py), and at
+1x512 prefill of opt-125m took 17,000-31,000 page faults in most fresh processes (scripts/bench_malloc.py), and at
 the thresholds glibc had reached there, 1.12x as long as with them raised (one process, alternating, on an AMD
 EPYC). Whether they had risen depended on what the process had freed first.
 
