@@ -64,7 +64,7 @@ def test_after_a_forward_activations_come_from_the_heap_and_stay_for_reuse():
     assert got["big_mapped"] >= 40, got  # above 32 MiB: a mapping of its own, returned when freed
 
 
-def test_import_and_loading_leave_glibc_as_it_starts():
+def test_import_leaves_glibc_as_it_starts():
     got = child("import")
     assert got["mapped"] >= 18 and got["kept"] < 1, got  # glibc's starting 128 KiB threshold maps each tensor
 

@@ -19,6 +19,7 @@ raised before it). Nothing changes outside glibc (macOS, Windows, musl), when th
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
@@ -46,15 +47,10 @@ def glibc() -> bool:
         return False
 
 
-_tuned = False
-
-
-def tune_malloc_once() -> None:
-    """`tune_malloc()` the first time it is called in this process (the model's forward calls it)."""
-    global _tuned
-    if not _tuned:
-        _tuned = True
-        tune_malloc()
+@functools.cache
+def tune_malloc_once() -> bool:
+    """`tune_malloc()` the first time it is called in this process, its answer after (the model's forward calls it)."""
+    return tune_malloc()
 
 
 def tune_malloc() -> bool:
