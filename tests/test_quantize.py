@@ -9,6 +9,7 @@ from peak_memory import load_peak
 from tiny import batch, make_pair
 
 import optlite
+from optlite.cpu_linear import project_stacked
 from optlite.quantize import Int8Embedding, Int8Linear, model_nbytes, quantize_
 
 pytestmark = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
@@ -92,6 +93,45 @@ def test_int8_fc1_runs_its_relu_in_the_product_unless_hooked(monkeypatch):
     torch.testing.assert_close(hooked, plain, rtol=1e-6, atol=1e-6)
 
 
+def int8_calls(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, int]:
+    """How many times one forward ran each fbgemm int8 product."""
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(ids)
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("quantized::linear")}
+
+
+@pytest.mark.parametrize("shape", ["pre_ln", "no_bias_no_affine"])
+def test_int8_qkv_run_as_one_product_with_the_numbers_of_three(shape):
+    _, model = make_pair("OPTForCausalLM", shape, vocab_size=512, hidden_size=128, ffn_dim=256)
+    attention = model.model.decoder.layers[0].self_attn
+    apart = [Int8Linear.from_linear(getattr(attention, n)) for n in ("q_proj", "k_proj", "v_proj")]
+    quantize_(model)
+    qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
+    assert all(isinstance(m, Int8Linear) and m.packed is qkv[0].packed for m in qkv)
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        together = project_stacked(qkv, x)
+        for layer, alone, out in zip(qkv, apart, together, strict=True):
+            # rows quantized alone, one input scale for one input: the same integers and scales as three products
+            assert torch.equal(out, alone(x)) and torch.equal(layer(x), alone(x))
+            assert torch.equal(layer.weight, alone.weight)
+            assert torch.equal(layer.state_dict()["weight"], alone.state_dict()["weight"])
+    layers = len(model.model.decoder.layers)
+    ids = torch.tensor([[2, 7, 1, 300, 41, 9]])
+    # per layer q/k/v as one product, out_proj and fc2, then the head; fc1 with its ReLU
+    assert int8_calls(model, ids) == {"quantized::linear_dynamic": 3 * layers + 1,
+                                      "quantized::linear_relu_dynamic": layers}
+    with torch.no_grad():
+        plain = model(ids).logits
+        seen = []
+        attention.k_proj.register_forward_hook(lambda m, i, o: seen.append(o))
+        hooked = model(ids).logits
+    # hooked, each of the three runs alone and the hook sees k_proj's own output
+    assert len(seen) == 1 and seen[0].shape == (1, 6, 128)
+    assert torch.equal(hooked, plain)
+    assert int8_calls(model, ids)["quantized::linear_dynamic"] == 3 * layers + 3
+
+
 def test_int8_input_range_follows_the_cpu(monkeypatch):
     linear = torch.nn.Linear(64, 32)
     for vnni in (True, False):
@@ -133,8 +173,11 @@ def test_int8_model_saves_its_dequantized_weights(tmp_path):
     assert set(q.state_dict()) >= {k for k in ref.state_dict() if k != "lm_head.weight"}
     q.save_pretrained(tmp_path / "int8")
     back = transformers.OPTForCausalLM.from_pretrained(tmp_path / "int8").eval()
-    fc1 = q.model.decoder.layers[1].fc1
-    assert torch.equal(back.model.decoder.layers[1].fc1.weight, fc1.weight)
+    for name in ("fc1", "self_attn.q_proj", "self_attn.v_proj"):  # v_proj: the last rows of a shared product
+        assert torch.equal(back.model.decoder.layers[1].get_submodule(name).weight,
+                           q.model.decoder.layers[1].get_submodule(name).weight)
+        assert torch.equal(back.model.decoder.layers[1].get_submodule(name).bias,
+                           q.model.decoder.layers[1].get_submodule(name).bias)
     ids, mask = batch("left", vocab=512)
     with torch.no_grad():
         want = ref(ids, attention_mask=mask).logits[mask.bool()]

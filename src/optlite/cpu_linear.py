@@ -349,6 +349,8 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 def project_stacked(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """`[project(m, x) for m in modules]`, computed as one oneDNN product when every module takes the kernel and
     their weights and biases are stacked in one storage (`share_storage`): decoding's q/k/v read as one matrix.
+    Modules whose class has `forward_stacked(modules, x)` (the int8 mode's layers) run that when nothing hooks
+    them; it returns None where they share no product.
 
     Example:
         >>> import torch
@@ -361,6 +363,11 @@ def project_stacked(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch
         ...     all(torch.allclose(a, m(x), atol=1e-6) for a, m in zip(project_stacked([q, k, v], x), [q, k, v]))
         True
     """
+    stack = getattr(type(modules[0]), "forward_stacked", None)  # a shared product of its own (the int8 mode's)
+    if stack is not None and all(_unhooked(m) for m in modules) and not any(_GLOBAL_HOOKS):
+        out = stack(modules, x)
+        if out is not None:
+            return out
     routes = [] if _PACKED else [_route(modules[0], x)]
     if routes and routes[0][0] == "kernel":  # the others only then: else `project` routes each one anyway
         routes += [_route(m, x, check_context=False) for m in modules[1:]]
