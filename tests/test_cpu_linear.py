@@ -18,10 +18,11 @@ pytestmark = pytest.mark.skipif(not onednn_enabled(), reason="this torch build h
 
 
 @contextlib.contextmanager
-def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False) -> Iterator[list[int]]:
+def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False, swap: bool = False) -> Iterator[list[int]]:
     """Count the oneDNN kernels' calls made by `project` (the real kernels still run), the residual-adding one
     included. The routing is an AVX-512 AMD CPU's whatever CPU the tests run on, or with `mkl_first` an Intel
-    CPU's (one to three rows and training stay `module(x)`'s)."""
+    CPU's (one to three rows and training stay `module(x)`'s), or with `swap` an AVX2 AMD CPU's (4 to 24 rows as
+    `(weight @ x.T).T`)."""
     calls = [0]
 
     def counted(real):
@@ -33,6 +34,7 @@ def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False) -> It
     with monkeypatch.context() as m:
         m.setattr(cpu_linear, "_MKL_FIRST", mkl_first)
         m.setattr(cpu_linear, "_MKL_TRAINS", mkl_first)
+        m.setattr(cpu_linear, "_SWAP", swap)
         m.setattr(cpu_linear, "_KERNEL", counted(cpu_linear._KERNEL))
         m.setattr(cpu_linear, "_KERNEL_ADD", counted(cpu_linear._KERNEL_ADD))
         yield calls
@@ -82,6 +84,47 @@ def test_greedy_generate_matches_transformers_on_the_onednn_path(monkeypatch):
     # the prefill and 7 steps (the 8th token needs no forward), each with q/k/v as one product
     assert calls[0] == 8 * (4 * ours.config.num_hidden_layers + 1)
     assert torch.equal(got, ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("rows", [3, 4, 8, 24, 25])
+@pytest.mark.parametrize("bias", [True, False])
+def test_four_to_24_rows_run_swapped_on_an_avx2_amd_cpu(monkeypatch, rows, bias):
+    layer, _ = linear(bias)
+    x, h = torch.randn(rows, 16), torch.randn(rows, 8)
+    swapped = []
+    real = cpu_linear._swapped_product
+    monkeypatch.setattr(cpu_linear, "_swapped_product", lambda *a: swapped.append(a[0].shape) or real(*a))
+    with torch.no_grad(), count_onednn(monkeypatch, swap=True) as calls:
+        got = [project(layer, x), project(layer, x, relu=True), project(layer, x, residual=h),
+               project(layer, x, relu=True, residual=h), project(layer, x.t().contiguous().t())]  # strided input
+    assert calls[0] == 5 and len(swapped) == (5 if 4 <= rows <= 24 else 0)
+    with torch.no_grad():
+        y = layer(x)
+    for a, b in zip(got, [y, y.relu(), h + y, h + y.relu(), y], strict=True):
+        assert a.is_contiguous() and a.shape == b.shape
+        assert record("onednn swapped rows", a, b, relative=True) < 1e-6
+
+
+def test_batched_generate_matches_transformers_with_swapped_products(monkeypatch):
+    ref, ours = make_pair("OPTForCausalLM", "post_ln_proj")
+    ids, mask = batch("left")
+    ids, mask = torch.cat([ids, ids.flip(0)]), torch.cat([mask, mask.flip(0)])  # 6 rows: each step swapped
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    swapped = []
+    real = cpu_linear._swapped_product
+    monkeypatch.setattr(cpu_linear, "_swapped_product", lambda *a: swapped.append(a[0].shape) or real(*a))
+    with count_onednn(monkeypatch, swap=True):
+        got = ours.generate(ids, **kw)
+        with torch.no_grad():
+            logits = ours(ids[:4, :5], attention_mask=mask[:4, :5]).logits  # 20 rows
+    per_forward = 4 * ours.config.num_hidden_layers + 1  # q/k/v as one, out, fc1, fc2; the head
+    steps = got.shape[1] - ids.shape[1] - 1
+    # the prefill's 42 rows as before but its head's 6 (the last positions), 6 rows a step, then the 20-row forward
+    assert steps > 0 and [n[0] for n in swapped] == [6] * (1 + steps * per_forward) + [4] * per_forward
+    assert torch.equal(got, ref.generate(ids, **kw))
+    with torch.no_grad():
+        want = ref(ids[:4, :5], attention_mask=mask[:4, :5]).logits
+    assert record("onednn swapped forward", logits, want, relative=True) < 1e-5
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4])
@@ -186,6 +229,7 @@ def test_decoder_layers_fuse_relu_and_the_feed_forward_residual_outside_training
 
     monkeypatch.setattr(cpu_linear, "_KERNEL", kernel)
     monkeypatch.setattr(cpu_linear, "_KERNEL_ADD", kernel_add)
+    monkeypatch.setattr(cpu_linear, "_SWAP", False)  # 21 rows: the fused kernels, not the swapped product
     ids, mask = batch("none")
     with torch.no_grad():
         ours(ids, attention_mask=mask)

@@ -104,7 +104,12 @@ def mkl_trains(vendor: str, mkl: bool, avx512: bool) -> bool:
 
 _VENDOR, _MKL = cpu_vendor(), torch.backends.mkl.is_available()
 _MKL_FIRST = mkl_first(_VENDOR, _MKL)
-_MKL_TRAINS = mkl_trains(_VENDOR, _MKL, torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+_MKL_TRAINS = mkl_trains(_VENDOR, _MKL, _AVX512)
+# Where inference products of 4 to 24 rows run as (weight @ x.T).T (`_swapped_product`): measured on an AVX2-only
+# AMD EPYC; not tried on AVX-512 CPUs, nor on Intel ones, where MKL or oneDNN keep them as before.
+_SWAP = not _MKL_FIRST and not _AVX512
+_SWAP_ROWS = (4, 24)
 _MKL_ROWS = 3  # the row count up to which MKL keeps a product when _MKL_FIRST
 _AVAILABLE = _KERNEL is not None
 _PLAIN = (torch.Tensor, nn.Parameter)  # exactly these types: a subclass (torchao, fake tensors) has its own linear
@@ -275,6 +280,10 @@ def project(module: nn.Module, x: torch.Tensor, *, relu: bool = False,
         True
     """
     route, weight, bias = _route(module, x)
+    if route == "kernel" and _swaps(x):
+        y = _swapped_product(x, weight, bias)
+        y = y.relu_() if relu else y
+        return y if residual is None else residual + y
     if route == "kernel":
         weight = packed_weight(weight) if _PACKED else weight
         if residual is not None and not relu and _fusable_residual(residual, x, weight):
@@ -286,6 +295,28 @@ def project(module: nn.Module, x: torch.Tensor, *, relu: bool = False,
         y = OneDNNLinear.apply(x, weight, bias) if route == "autograd" else module(x)
         y = F.relu(y) if relu else y
     return y if residual is None else residual + y
+
+
+def _swaps(x: torch.Tensor) -> bool:
+    """Whether an inference product of `x` runs as `_swapped_product`: 4 to 24 rows, plain weights, where `_SWAP`."""
+    return _SWAP and not _PACKED and x.shape[-1] > 0 and _SWAP_ROWS[0] <= x.numel() // x.shape[-1] <= _SWAP_ROWS[1]
+
+
+def _swapped_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed as `(weight @ x.T).T`, a contiguous output like F.linear's.
+
+    For a few rows oneDNN's kernel copies the weight, the product's right-hand matrix, into its own blocked layout
+    on every call; with the weight on the left it reads it where it lies. On an AVX2 AMD EPYC (2 threads, the
+    decoder's products of opt-125m) that made 8 to 24 rows 1.15-1.23x faster and batch-8 greedy decoding 1.15x
+    (from 4 rows 1.14x in one run; at 2 rows and at 32 none). Its outputs matched F.linear's to the bit there."""
+    rows = x.numel() // x.shape[-1]
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    product = _KERNEL(weight, x.reshape(rows, -1).contiguous(), None, "none", [], "").t()  # (rows, out), strided
+    if bias is None:
+        out.view(rows, -1).copy_(product)
+    else:
+        torch.add(product, bias, out=out.view(rows, -1))
+    return out
 
 
 def _fusable_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -377,6 +408,6 @@ def project_stacked(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch
         with_bias = [b is not None for b in biases]
         bias = stacked(biases) if all(with_bias) else None
         if weight is not None and (bias is not None or not any(with_bias)):
-            out = _KERNEL(x, weight, bias, "none", [], "")
+            out = _swapped_product(x, weight, bias) if _swaps(x) else _KERNEL(x, weight, bias, "none", [], "")
             return list(out.split([w.shape[0] for w in weights], dim=-1))
     return [project(m, x) for m in modules]
