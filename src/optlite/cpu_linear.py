@@ -11,6 +11,9 @@ autocast, compile, tracing and autograd see a plain `nn.Linear` call. On the ker
 training) fc2's residual add run inside the product as oneDNN post-ops: decoding's small element-wise ops each cost
 a pass through caches the streamed weights keep evicting.
 
+On CPUs without AVX-512 where oneDNN runs them (AMD), inference products of 4 to 24 rows (batched decoding,
+beams) are computed as `(weight @ x.T).T` (`_swapped_product`).
+
 Each attention layer keeps its q/k/v weights (and biases) as views of one buffer (`share_storage`): the same three
 Parameters, state_dict and files, but `project_stacked` reads them as one matrix, one product instead of three
 (decoding's matrix-vector products stream a larger matrix better and pay oneDNN's per-call cost once). A weight
