@@ -18,11 +18,12 @@ pytestmark = pytest.mark.skipif(not onednn_enabled(), reason="this torch build h
 
 
 @contextlib.contextmanager
-def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False, swap: bool = False) -> Iterator[list[int]]:
+def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False,
+                 avx2_amd: bool = False) -> Iterator[list[int]]:
     """Count the oneDNN kernels' calls made by `project` (the real kernels still run), the residual-adding one
     included. The routing is an AVX-512 AMD CPU's whatever CPU the tests run on, or with `mkl_first` an Intel
-    CPU's (one to three rows and training stay `module(x)`'s), or with `swap` an AVX2 AMD CPU's (4 to 24 rows as
-    `(weight @ x.T).T`)."""
+    CPU's (one to three rows and training stay `module(x)`'s), or with `avx2_amd` an AVX2-only AMD CPU's (4 to 24
+    rows as `(weight @ x.T).T`, more than 64 rows `module(x)`'s)."""
     calls = [0]
 
     def counted(real):
@@ -34,7 +35,8 @@ def count_onednn(monkeypatch: pytest.MonkeyPatch, mkl_first: bool = False, swap:
     with monkeypatch.context() as m:
         m.setattr(cpu_linear, "_MKL_FIRST", mkl_first)
         m.setattr(cpu_linear, "_MKL_TRAINS", mkl_first)
-        m.setattr(cpu_linear, "_SWAP", swap)
+        m.setattr(cpu_linear, "_SWAP", avx2_amd)
+        m.setattr(cpu_linear, "_MKL_MANY", avx2_amd)
         m.setattr(cpu_linear, "_KERNEL", counted(cpu_linear._KERNEL))
         m.setattr(cpu_linear, "_KERNEL_ADD", counted(cpu_linear._KERNEL_ADD))
         yield calls
@@ -94,7 +96,7 @@ def test_four_to_24_rows_run_swapped_on_an_avx2_amd_cpu(monkeypatch, rows, bias)
     swapped = []
     real = cpu_linear._swapped_product
     monkeypatch.setattr(cpu_linear, "_swapped_product", lambda *a: swapped.append(a[0].shape) or real(*a))
-    with torch.no_grad(), count_onednn(monkeypatch, swap=True) as calls:
+    with torch.no_grad(), count_onednn(monkeypatch, avx2_amd=True) as calls:
         got = [project(layer, x), project(layer, x, relu=True), project(layer, x, residual=h),
                project(layer, x, relu=True, residual=h), project(layer, x.t().contiguous().t())]  # strided input
     assert calls[0] == 5 and len(swapped) == (5 if 4 <= rows <= 24 else 0)
@@ -105,6 +107,22 @@ def test_four_to_24_rows_run_swapped_on_an_avx2_amd_cpu(monkeypatch, rows, bias)
         assert record("onednn swapped rows", a, b, relative=True) < 1e-6
 
 
+@pytest.mark.parametrize("rows", [64, 65, 512])
+def test_more_than_64_rows_stay_with_the_module_on_an_avx2_amd_cpu(monkeypatch, rows):
+    layer, _ = linear()
+    x, h = torch.randn(1, rows, 16), torch.randn(1, rows, 8)
+    with torch.no_grad(), count_onednn(monkeypatch, avx2_amd=True) as calls:
+        takes_kernel = eligible(layer, x)
+        got = project(layer, x, relu=True, residual=h)
+    assert takes_kernel == (rows == 64) and calls[0] == (rows == 64)
+    with torch.no_grad():
+        want = h + layer(x).relu()
+    if rows == 64:
+        assert record("onednn 64 rows", got, want, relative=True) < 1e-6
+    else:  # F.linear, then torch's relu and add: the module call itself
+        assert torch.equal(got, want)
+
+
 def test_batched_generate_matches_transformers_with_swapped_products(monkeypatch):
     ref, ours = make_pair("OPTForCausalLM", "post_ln_proj")
     ids, mask = batch("left")
@@ -113,7 +131,7 @@ def test_batched_generate_matches_transformers_with_swapped_products(monkeypatch
     swapped = []
     real = cpu_linear._swapped_product
     monkeypatch.setattr(cpu_linear, "_swapped_product", lambda *a: swapped.append(a[0].shape) or real(*a))
-    with count_onednn(monkeypatch, swap=True):
+    with count_onednn(monkeypatch, avx2_amd=True):
         got = ours.generate(ids, **kw)
         with torch.no_grad():
             logits = ours(ids[:4, :5], attention_mask=mask[:4, :5]).logits  # 20 rows
@@ -230,6 +248,7 @@ def test_decoder_layers_fuse_relu_and_the_feed_forward_residual_outside_training
     monkeypatch.setattr(cpu_linear, "_KERNEL", kernel)
     monkeypatch.setattr(cpu_linear, "_KERNEL_ADD", kernel_add)
     monkeypatch.setattr(cpu_linear, "_SWAP", False)  # 21 rows: the fused kernels, not the swapped product
+    monkeypatch.setattr(cpu_linear, "_MKL_MANY", False)
     ids, mask = batch("none")
     with torch.no_grad():
         ours(ids, attention_mask=mask)

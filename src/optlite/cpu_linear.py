@@ -2,17 +2,18 @@
 
 `F.linear` on the CPU runs MKL's sgemm, which is slow on AMD CPUs and for the few rows of batched decoding.
 oneDNN's fp32 kernel (`torch.ops.mkldnn._linear_pointwise`) computes the same product from the same, plain weight
-(no copy, no packing) 1.3-3x faster on every row count of OPT's decoding and prefill on AMD CPUs. On an Intel CPU,
-where MKL runs its own best kernels, only inference products of four rows or more take it (see `mkl_first`), and on
-CPUs without AVX-512 training stays MKL's (`mkl_trains`). The model calls `project(module, x)` where it would call
+(no copy, no packing) 1.3-3x faster on every row count of OPT's decoding and prefill on AMD CPUs with AVX-512. On
+an Intel CPU, where MKL runs its own best kernels, only inference products of four rows or more take it (see
+`mkl_first`); on CPUs without AVX-512 training stays MKL's (`mkl_trains`), and on those that are not Intel's so do
+inference products of more than 64 rows (`_MKL_MANY`). The model calls `project(module, x)` where it would call
 `module(x)`; the oneDNN kernel is taken only when that is provably the same computation as `module(x)`, else
 `module(x)` runs exactly as before, so hooks, PEFT adapters, accelerate's offloading, tensor subclasses (torchao),
 autocast, compile, tracing and autograd see a plain `nn.Linear` call. On the kernel, fc1's ReLU and (outside
 training) fc2's residual add run inside the product as oneDNN post-ops: decoding's small element-wise ops each cost
 a pass through caches the streamed weights keep evicting.
 
-On CPUs without AVX-512 where oneDNN runs them (AMD), inference products of 4 to 24 rows (batched decoding,
-beams) are computed as `(weight @ x.T).T` (`_swapped_product`).
+On those CPUs (AMD without AVX-512) inference products of 4 to 24 rows (batched decoding, beams) are computed as
+`(weight @ x.T).T` (`_swapped_product`).
 
 Each attention layer keeps its q/k/v weights (and biases) as views of one buffer (`share_storage`): the same three
 Parameters, state_dict and files, but `project_stacked` reads them as one matrix, one product instead of three
@@ -113,6 +114,10 @@ _MKL_TRAINS = mkl_trains(_VENDOR, _MKL, _AVX512)
 # AMD EPYC; not tried on AVX-512 CPUs, nor on Intel ones, where MKL or oneDNN keep them as before.
 _SWAP = not _MKL_FIRST and not _AVX512
 _SWAP_ROWS = (4, 24)
+# Where products of more than 64 rows stay F.linear's (MKL): the same CPUs, where MKL's sgemm ran the decoder's
+# products of 128 to 2048 rows 1.03-1.3x faster than oneDNN's (a quiet hour; at 32 and 64 rows oneDNN's was ahead).
+_MKL_MANY = _MKL and not _MKL_FIRST and not _AVX512
+_MKL_MANY_ROWS = 64
 _MKL_ROWS = 3  # the row count up to which MKL keeps a product when _MKL_FIRST
 _AVAILABLE = _KERNEL is not None
 _PLAIN = (torch.Tensor, nn.Parameter)  # exactly these types: a subclass (torchao, fake tensors) has its own linear
@@ -253,7 +258,8 @@ def _route(module: nn.Module, x: torch.Tensor, check_context: bool = True) -> tu
     if check_context and not _context_is_plain():
         return "module", None, None
     grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-    if (grad and _MKL_TRAINS) or (_MKL_FIRST and x.numel() <= _MKL_ROWS * x.shape[-1]):
+    if ((grad and _MKL_TRAINS) or (_MKL_FIRST and x.numel() <= _MKL_ROWS * x.shape[-1])
+            or (_MKL_MANY and x.numel() > _MKL_MANY_ROWS * x.shape[-1])):
         return "module", None, None
     return ("autograd" if grad else "kernel"), w, b
 
