@@ -124,10 +124,10 @@ def test_int8_qkv_run_as_one_product_with_the_numbers_of_three(shape):
     with torch.no_grad():
         plain = model(ids).logits
         seen = []
-        attention.k_proj.register_forward_hook(lambda m, i, o: seen.append(o))
+        attention.k_proj.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
         hooked = model(ids).logits
-    # hooked, each of the three runs alone and the hook sees k_proj's own output
-    assert len(seen) == 1 and seen[0].shape == (1, 6, 128)
+        # hooked, each of the three runs alone and the hook sees k_proj's own output
+        assert len(seen) == 1 and seen[0][1].shape == (1, 6, 128) and torch.equal(seen[0][1], apart[1](seen[0][0]))
     assert torch.equal(hooked, plain)
     assert int8_calls(model, ids)["quantized::linear_dynamic"] == 3 * layers + 3
 
