@@ -107,22 +107,6 @@ def test_four_to_24_rows_run_swapped_on_an_avx2_amd_cpu(monkeypatch, rows, bias)
         assert record("onednn swapped rows", a, b, relative=True) < 1e-6
 
 
-@pytest.mark.parametrize("rows", [64, 65, 512])
-def test_more_than_64_rows_stay_with_the_module_on_an_avx2_amd_cpu(monkeypatch, rows):
-    layer, _ = linear()
-    x, h = torch.randn(1, rows, 16), torch.randn(1, rows, 8)
-    with torch.no_grad(), count_onednn(monkeypatch, avx2_amd=True) as calls:
-        takes_kernel = eligible(layer, x)
-        got = project(layer, x, relu=True, residual=h)
-    assert takes_kernel == (rows == 64) and calls[0] == (rows == 64)
-    with torch.no_grad():
-        want = h + layer(x).relu()
-    if rows == 64:
-        assert record("onednn 64 rows", got, want, relative=True) < 1e-6
-    else:  # F.linear, then torch's relu and add: the module call itself
-        assert torch.equal(got, want)
-
-
 def test_batched_generate_matches_transformers_with_swapped_products(monkeypatch):
     ref, ours = make_pair("OPTForCausalLM", "post_ln_proj")
     ids, mask = batch("left")
@@ -145,18 +129,22 @@ def test_batched_generate_matches_transformers_with_swapped_products(monkeypatch
     assert record("onednn swapped forward", logits, want, relative=True) < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4])
-def test_up_to_three_rows_stay_with_the_module_on_an_intel_cpu(monkeypatch, rows):
+@pytest.mark.parametrize("routing, rows, kernel", [
+    ("intel", 1, False), ("intel", 3, False), ("intel", 4, True),  # one to three rows stay MKL's
+    ("avx2_amd", 64, True), ("avx2_amd", 65, False), ("avx2_amd", 512, False),  # more than 64 rows stay MKL's
+])
+def test_rows_that_stay_with_the_module(monkeypatch, routing, rows, kernel):
     layer, _ = linear()
     x, h = torch.randn(1, rows, 16), torch.randn(1, rows, 8)
-    with torch.no_grad(), count_onednn(monkeypatch, mkl_first=True) as calls:
+    cpu = dict(mkl_first=True) if routing == "intel" else dict(avx2_amd=True)
+    with torch.no_grad(), count_onednn(monkeypatch, **cpu) as calls:
         takes_kernel = eligible(layer, x)
         got = project(layer, x, relu=True, residual=h)
-    assert takes_kernel == (rows == 4) and calls[0] == (rows == 4)
+    assert takes_kernel == kernel and calls[0] == kernel
     with torch.no_grad():
         want = h + layer(x).relu()
-    if rows == 4:
-        assert record("onednn 4 rows", got, want, relative=True) < 1e-6
+    if kernel:
+        assert record(f"onednn {rows} rows", got, want, relative=True) < 1e-6
     else:  # F.linear, then torch's relu and add: the module call itself
         assert torch.equal(got, want)
 
