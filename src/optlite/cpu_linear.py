@@ -292,8 +292,7 @@ def project(module: nn.Module, x: torch.Tensor, *, relu: bool = False,
     if route == "kernel" and _swaps(x):
         y = _swapped_product(x, weight, bias)
         y = y.relu_() if relu else y
-        return y if residual is None else residual + y
-    if route == "kernel":
+    elif route == "kernel":
         weight = packed_weight(weight) if _PACKED else weight
         if residual is not None and not relu and _fusable_residual(residual, x, weight):
             return _KERNEL_ADD(x, residual, weight, bias, "add")

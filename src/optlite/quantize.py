@@ -207,7 +207,6 @@ def stack_int8(linears: Sequence[nn.Linear], reduce_range: bool | None = None) -
     biases = [layer.bias for layer in linears]
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     packed = _pack(torch.cat([layer.weight.detach() for layer in linears]), bias)
-    reduce_range = not full_range_inputs() if reduce_range is None else reduce_range
     ends = list(accumulate(layer.out_features for layer in linears))
     return [Int8Linear(packed, layer.in_features, layer.out_features, reduce_range, (end - layer.out_features, end,
                                                                                       ends[-1]))
