@@ -1,0 +1,101 @@
+"""Causal attention by blocks of queries on the CPU: SDPA's results, transformers' outputs, and SDPA itself
+wherever the blocks are not taken (autograd, other dtypes, a past, large score blocks, compile and tracing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import SHAPES, make_pair, record
+
+from optlite import cpu_attention
+from optlite.cpu_attention import _blockwise, causal_attention
+
+FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def qkv(B: int, H: int, T: int, D: int, seed: int = 0, **kw) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randn(3, B, H, T, D, generator=g).to(**kw).unbind(0))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+
+
+def kernels(fn, *args) -> set[str]:
+    """The aten ops `fn(*args)` ran."""
+    with torch.profiler.profile() as prof:
+        fn(*args)
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 65, 8), (2, 3, 200, 16), (1, 4, 128, 8), (3, 1, 129, 4)])
+def test_blocks_equal_sdpa(shape):
+    q, k, v = qkv(*shape)
+    assert _blockwise(q, k, v)
+    with torch.inference_mode():
+        assert FLASH not in kernels(causal_attention, q, k, v)
+        got = causal_attention(q, k, v)
+    assert record("blockwise causal attention", got, sdpa(q, k, v)) < 1e-5
+
+
+def test_blocks_read_strided_queries_keys_and_values():
+    # The model's q/k/v are (B, T, H, D) column blocks of one product's output, transposed to (B, H, T, D).
+    B, T, H, D = 2, 150, 3, 8
+    y = torch.randn(B, T, 3 * H * D)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in y.split(H * D, dim=-1))
+    assert _blockwise(q, k, v)
+    with torch.no_grad():
+        assert record("blockwise causal attention", causal_attention(q, k, v), sdpa(q, k, v)) < 1e-5
+
+
+def test_cases_that_run_sdpa(monkeypatch):
+    q, k, v = qkv(1, 2, 100, 8)
+    assert not _blockwise(*qkv(1, 2, 64, 8))  # one block: nothing to skip
+    assert not _blockwise(q, k, v.bfloat16()) and not _blockwise(*qkv(1, 2, 100, 8, dtype=torch.bfloat16))
+    assert not _blockwise(q, torch.cat([k, k], 2), torch.cat([v, v], 2))  # keys of a past too
+    assert not _blockwise(q.requires_grad_(), k, v)  # autograd: SDPA's backward
+    with torch.no_grad():
+        assert _blockwise(q, k, v)
+    monkeypatch.setattr(cpu_attention, "_MAX_SCORES", 2 * 64 * 100 * 4 - 1)  # a byte short of this block's scores
+    assert not _blockwise(q.detach(), k, v)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _blockwise(q.detach(), k, v)
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _blockwise(q.detach(), k, v)
+
+
+def test_gradients_flow_through_sdpa():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 100, 8))
+    assert FLASH in kernels(causal_attention, q, k, v)
+    causal_attention(q, k, v).square().sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_long_prompt_forward_matches_transformers(shape):
+    # 150 tokens: two full blocks of 64 and a partial one, in every layer.
+    ref, ours = make_pair("OPTForCausalLM", shape, max_position_embeddings=160)
+    ids = torch.randint(3, 99, (2, 150), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ran = kernels(ours, ids)
+        a, b = ours(ids).logits, ref(ids).logits
+    assert FLASH not in ran
+    # Relative to the largest logit: 150 tokens through these random layers make the logits' fp32 rounding
+    # grow (transformers' own fp32 logits are up to 2e-5 of each logit off its float64 ones).
+    scale = b.abs().max()
+    assert record("forward, 150 tokens, blockwise attention (of the largest)", a / scale, b / scale) < 1e-5
+
+
+def test_long_prompt_cache_continues_as_transformers(monkeypatch):
+    ref, ours = make_pair("OPTForCausalLM", "pre_ln", max_position_embeddings=160)
+    ids = torch.randint(3, 99, (1, 140), generator=torch.Generator().manual_seed(1))
+    taken = []
+    monkeypatch.setattr(cpu_attention, "_blockwise", lambda *a: taken.append(_blockwise(*a)) or taken[-1])
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    got = ours.generate(ids, **kw)
+    assert taken == [True] * ours.config.num_hidden_layers  # the prefill's layers; each decoding step has a past
+    assert torch.equal(got, ref.generate(ids, **kw))
