@@ -14,6 +14,12 @@ from optlite.cpu_attention import _blockwise, causal_attention
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
 
+@pytest.fixture(autouse=True)
+def amd_cpu(monkeypatch):
+    """The blocks as an AMD CPU takes them, whatever CPU the tests run on."""
+    monkeypatch.setattr(cpu_attention, "_ON", True)
+
+
 def qkv(B: int, H: int, T: int, D: int, seed: int = 0, **kw) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return list(torch.randn(3, B, H, T, D, generator=g).to(**kw).unbind(0))
@@ -66,6 +72,8 @@ def test_cases_that_run_sdpa(monkeypatch):
     monkeypatch.undo()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _blockwise(q.detach(), k, v)
+    monkeypatch.setattr(cpu_attention, "_ON", False)  # not an AMD CPU
+    assert not _blockwise(q.detach(), k, v)
 
 
 def test_gradients_flow_through_sdpa():

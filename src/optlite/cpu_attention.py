@@ -4,7 +4,8 @@ PyTorch's CPU kernel for `scaled_dot_product_attention(..., is_causal=True)` run
 block; for a prompt of a few hundred tokens it is slower than the same attention written as batched products over
 blocks of 64 queries, each against the keys up to its last one, which skip the masked half as the kernel does
 (opt-125m's heads at 512 tokens, 2 threads: 3.1 ms against 5.1 on an AMD EPYC with AVX-512). Taken only for fp32
-inference on plain CPU tensors; autograd, compile, tracing and every other case run SDPA itself.
+inference on plain CPU tensors, on AMD CPUs, where it was measured; autograd, compile, tracing and every other
+case run SDPA itself.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_linear import _context_is_plain, _plain_fp32_cpu
+from .cpu_linear import _context_is_plain, _plain_fp32_cpu, cpu_vendor
+
+_ON = cpu_vendor() == "AuthenticAMD"
 
 _BLOCK = 64  # queries per block
 # The most fp32 scores one block may hold (B * H * 64 queries * T keys * 4 bytes). Beyond it the blocks' scores no
@@ -21,6 +24,8 @@ _MAX_SCORES = 4 << 20
 
 
 def _blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    if not _ON or q.dim() != 4:
+        return False
     B, H, T, _ = q.shape
     if T <= _BLOCK or k.shape[-2] != T or B * H * _BLOCK * T * 4 > _MAX_SCORES:
         return False
