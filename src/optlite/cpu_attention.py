@@ -3,7 +3,7 @@
 PyTorch's CPU kernel for `scaled_dot_product_attention(..., is_causal=True)` runs one small product per head and
 block; for a prompt of a few hundred tokens it is slower than the same attention written as batched products over
 blocks of 64 queries, each against the keys up to its last one, which skip the masked half as the kernel does
-(opt-125m's heads at 512 tokens, 2 threads: 3.1 ms against 5.1 on an AMD EPYC with AVX-512). Taken only for fp32
+(opt-125m's heads at 512 tokens, 2 threads: 3.0 ms against 4.5 on an AMD EPYC with AVX-512). Taken only for fp32
 inference on plain CPU tensors, on AMD CPUs, where it was measured; autograd, compile, tracing and every other
 case run SDPA itself.
 """
