@@ -1,15 +1,16 @@
-"""Causal attention by blocks of queries on the CPU: SDPA's results, transformers' outputs, and SDPA itself
-wherever the blocks are not taken (autograd, other dtypes, a past, large score blocks, compile and tracing)."""
+"""Attention on AMD CPUs: causal attention by blocks of queries and bf16/fp16 attention in fp32 give SDPA's results
+(and transformers' outputs), and SDPA itself runs wherever they are not taken (autograd, dropout, a past, large
+score blocks, compile, autocast, other CPUs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import SHAPES, make_pair, record
+from tiny import SHAPES, batch, make_pair, record
 
 from optlite import cpu_attention
-from optlite.cpu_attention import _blockwise, causal_attention
+from optlite.cpu_attention import _blockwise, _inference_on_cpu, attention
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
@@ -29,6 +30,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return attention(q, k, v, is_causal=True)
+
+
+def takes_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return _inference_on_cpu(q, k, v, None) and _blockwise(q, k, v)
+
+
 def kernels(fn, *args) -> set[str]:
     """The aten ops `fn(*args)` ran."""
     with torch.profiler.profile() as prof:
@@ -39,7 +48,7 @@ def kernels(fn, *args) -> set[str]:
 @pytest.mark.parametrize("shape", [(1, 2, 65, 8), (2, 3, 200, 16), (1, 4, 128, 8), (3, 1, 129, 4)])
 def test_blocks_equal_sdpa(shape):
     q, k, v = qkv(*shape)
-    assert _blockwise(q, k, v)
+    assert takes_blocks(q, k, v)
     with torch.inference_mode():
         assert FLASH not in kernels(causal_attention, q, k, v)
         got = causal_attention(q, k, v)
@@ -51,29 +60,29 @@ def test_blocks_read_strided_queries_keys_and_values():
     B, T, H, D = 2, 150, 3, 8
     y = torch.randn(B, T, 3 * H * D)
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in y.split(H * D, dim=-1))
-    assert _blockwise(q, k, v)
+    assert takes_blocks(q, k, v)
     with torch.no_grad():
         assert record("blockwise causal attention", causal_attention(q, k, v), sdpa(q, k, v)) < 1e-5
 
 
 def test_cases_that_run_sdpa(monkeypatch):
     q, k, v = qkv(1, 2, 100, 8)
-    assert not _blockwise(*qkv(1, 2, 64, 8))  # one block: nothing to skip
-    assert not _blockwise(q, k, v.bfloat16()) and not _blockwise(*qkv(1, 2, 100, 8, dtype=torch.bfloat16))
-    assert not _blockwise(q, torch.cat([k, k], 2), torch.cat([v, v], 2))  # keys of a past too
-    assert not _blockwise(q.requires_grad_(), k, v)  # autograd: SDPA's backward
+    assert not takes_blocks(*qkv(1, 2, 64, 8))  # one block: nothing to skip
+    assert not takes_blocks(q, k, v.bfloat16()) and not takes_blocks(*qkv(1, 2, 100, 8, dtype=torch.bfloat16))
+    assert not takes_blocks(q, torch.cat([k, k], 2), torch.cat([v, v], 2))  # keys of a past too
+    assert not takes_blocks(q.requires_grad_(), k, v)  # autograd: SDPA's backward
     with torch.no_grad():
-        assert _blockwise(q, k, v)
+        assert takes_blocks(q, k, v)
     monkeypatch.setattr(cpu_attention, "_MAX_SCORES", 2 * 64 * 100 * 4 - 1)  # a byte short of this block's scores
-    assert not _blockwise(q.detach(), k, v)
+    assert not takes_blocks(q.detach(), k, v)
     monkeypatch.undo()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not _blockwise(q.detach(), k, v)
+    assert not takes_blocks(q.detach(), k, v)
     monkeypatch.undo()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _blockwise(q.detach(), k, v)
+        assert not takes_blocks(q.detach(), k, v)
     monkeypatch.setattr(cpu_attention, "_ON", False)  # not an AMD CPU
-    assert not _blockwise(q.detach(), k, v)
+    assert not takes_blocks(q.detach(), k, v)
 
 
 def test_gradients_flow_through_sdpa():
@@ -107,3 +116,59 @@ def test_long_prompt_cache_continues_as_transformers(monkeypatch):
     got = ours.generate(ids, **kw)
     assert taken == [True] * ours.config.num_hidden_layers  # the prefill's layers; each decoding step has a past
     assert torch.equal(got, ref.generate(ids, **kw))
+
+
+def exact_attention(q, k, v, mask=None, is_causal=False) -> torch.Tensor:
+    """Attention in float64, the reference the reduced-precision results are held to."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2)
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["prompt", "long prompt", "decoding step", "padding mask"])
+def test_half_precision_attention_runs_in_fp32(dtype, case):
+    T, S = {"prompt": (40, 40), "long prompt": (150, 150), "decoding step": (1, 300), "padding mask": (20, 30)}[case]
+    q, k, v = qkv(2, 3, S, 16, dtype=dtype)
+    q = q[..., S - T:, :]  # the last T positions query all S keys (a past when S > T)
+    mask = None
+    if case == "padding mask":
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T) & torch.tensor([[True] * S, [False] * 4 + [True] * 26])[
+            :, None, None, :]  # (B, 1, T, S): causal over a past, and the second row's first 4 keys padding
+    is_causal = case in ("prompt", "long prompt")
+    with torch.inference_mode():
+        got = attention(q, k, v, mask, is_causal)
+        upcast = attention(q.float(), k.float(), v.float(), mask, is_causal)
+    assert got.dtype == dtype and torch.equal(got, upcast.to(dtype))
+    exact = exact_attention(q, k, v, mask, is_causal)
+    # within one rounding to the half type of the exact attention of the same (rounded) inputs
+    eps = torch.finfo(dtype).eps
+    assert ((got.double() - exact).abs() <= eps * exact.abs() + 1e-6).all()
+
+
+def test_other_cpus_keep_half_precision_sdpa(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_ON", False)
+    q, k, v = qkv(1, 2, 30, 8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(attention(q, k, v, is_causal=True), sdpa(q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_stays_close_to_transformers(dtype):
+    # A left-padded batch (rows that attend to nothing at their pads) and greedy steps over its cache: the same
+    # logits as transformers' half-precision model up to that precision's rounding.
+    ref, ours = make_pair("OPTForCausalLM", "pre_ln")
+    ref.to(dtype), ours.to(dtype)
+    ids, mask = batch("left")
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=1, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.inference_mode():
+        a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    got, want = torch.stack(a.scores).float(), torch.stack(b.scores).float()
+    assert torch.isfinite(got).all()
+    assert record(f"{dtype} scores, attention in fp32", got / want.abs().max(), want / want.abs().max()) < 2e-2

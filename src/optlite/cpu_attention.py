@@ -1,11 +1,15 @@
-"""Causal attention over a prompt on the CPU, by blocks of queries.
+"""Attention on AMD CPUs: a prompt's causal attention by blocks of queries, and bf16/fp16 attention in fp32.
 
 PyTorch's CPU kernel for `scaled_dot_product_attention(..., is_causal=True)` runs one small product per head and
 block; for a prompt of a few hundred tokens it is slower than the same attention written as batched products over
 blocks of 64 queries, each against the keys up to its last one, which skip the masked half as the kernel does
-(opt-125m's heads at 512 tokens, 2 threads: 3.0 ms against 4.5 on an AMD EPYC with AVX-512). Taken only for fp32
-inference on plain CPU tensors, on AMD CPUs, where it was measured; autograd, compile, tracing and every other
-case run SDPA itself.
+(opt-125m's heads at 512 tokens, 2 threads: 3.0 ms against 4.5 on an AMD EPYC with AVX-512). In bf16 and fp16 the
+kernel is slower still (one decoding step's attention over 1,536 cached tokens: 790 µs in bf16, 95 µs in fp32), so
+there the inputs are cast to fp32, attended in fp32, and the output cast back: no less exact, as the kernel's own
+softmax and sums are fp32.
+
+Both are taken only for inference (no dropout, nothing requiring grad) on plain CPU tensors, on AMD CPUs, where
+they were measured; autograd, compile, tracing, autocast, torch modes and every other case run SDPA itself.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_linear import _context_is_plain, _plain_fp32_cpu, cpu_vendor
+from .cpu_linear import _PLAIN, _context_is_plain, cpu_vendor
 
 _ON = cpu_vendor() == "AuthenticAMD"
+_HALF = (torch.bfloat16, torch.float16)
 
 _BLOCK = 64  # queries per block
 # The most fp32 scores one block may hold (B * H * 64 queries * T keys * 4 bytes). Beyond it the blocks' scores no
@@ -23,31 +28,28 @@ _BLOCK = 64  # queries per block
 _MAX_SCORES = 4 << 20
 
 
-def _blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    if not _ON or q.dim() != 4:
+def _inference_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Plain (B, H, T, D) CPU tensors of one float dtype that nothing differentiates, outside any compile, trace,
+    autocast or torch mode, on an AMD CPU."""
+    if not _ON or q.dim() != 4 or q.dtype not in (torch.float32, *_HALF):
         return False
-    B, H, T, _ = q.shape
-    if T <= _BLOCK or k.shape[-2] != T or B * H * _BLOCK * T * 4 > _MAX_SCORES:
+    tensors = (q, k, v) if mask is None else (q, k, v, mask)
+    if not all(type(t) in _PLAIN and t.is_cpu and t.layout is torch.strided for t in tensors):
         return False
-    if not all(_plain_fp32_cpu(t) for t in (q, k, v)):
+    if k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return _context_is_plain()
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)` for (B, H, T, D) queries, keys and
-    values of the same T tokens (no past).
+def _blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether causal fp32 attention without a past runs by blocks (more than one block, scores within bounds)."""
+    B, H, T, _ = q.shape
+    return q.dtype == torch.float32 and _BLOCK < T == k.shape[-2] and B * H * _BLOCK * T * 4 <= _MAX_SCORES
 
-    Example:
-        >>> q, k, v = torch.randn(3, 1, 2, 100, 8).unbind(0)
-        >>> ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-        >>> torch.allclose(causal_attention(q, k, v), ref, atol=1e-6)
-        True
-    """
-    if not _blockwise(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+
+def _causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     T = q.shape[-2]
     k_t = k.transpose(-1, -2)  # (B, H, D, T)
     above = torch.ones(_BLOCK, _BLOCK, dtype=torch.bool).triu_(1)  # a block's keys after each of its queries
@@ -58,3 +60,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         scores[..., start:].masked_fill_(above[:stop - start, :stop - start], float("-inf"))
         blocks.append(torch.softmax(scores, dim=-1) @ v[..., :stop, :])  # (B, H, t, D)
     return torch.cat(blocks, dim=-2)  # (B, H, T, D)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+    scale=1.0)` for (B, H, T, D) queries and (B, H, S, D) keys and values.
+
+    Example:
+        >>> q, k, v = torch.randn(3, 1, 2, 100, 8).unbind(0)
+        >>> ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        >>> torch.allclose(attention(q, k, v, is_causal=True), ref, atol=1e-6)
+        True
+    """
+    if not dropout_p and _inference_on_cpu(q, k, v, mask):
+        if q.dtype in _HALF:
+            mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
+            return attention(q.float(), k.float(), v.float(), mask, is_causal).to(q.dtype)
+        if is_causal and mask is None and _blockwise(q, k, v):
+            return _causal_blocks(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=1.0)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .activations import ACTIVATIONS
 from .cache import Cache, DynamicCache, as_cache
 from .config import OPTConfig
-from .cpu_attention import causal_attention
+from .cpu_attention import attention
 from .cpu_linear import project, project_stacked, share_storage
 from .cpu_memory import tune_malloc_once
 from .outputs import BaseModelOutputWithPast
@@ -142,11 +142,7 @@ class OPTAttention(nn.Module):
             weights = None
             # A Python bool decided by the cache's structure, so tracing with a dynamic length never sees a SymBool.
             is_causal = mask is None and not past
-            if is_causal and not p:
-                out = causal_attention(q, k, v)  # (B, H, T, D)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
-                                                     scale=1.0)  # (B, H, T, D)
+            out = attention(q, k, v, mask, is_causal, dropout_p=p)  # SDPA, or its faster CPU forms (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return project(self.out_proj, out), weights if output_attentions else None
 
