@@ -159,16 +159,19 @@ def test_other_cpus_keep_half_precision_sdpa(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_stays_close_to_transformers(dtype):
-    # A left-padded batch (rows that attend to nothing at their pads) and greedy steps over its cache: the same
-    # logits as transformers' half-precision model up to that precision's rounding.
+    # A left-padded prompt (rows that attend to nothing at their pads), then one step over its cache, with the same
+    # tokens fed to both: transformers' half-precision logits up to that precision's rounding (of the largest).
     ref, ours = make_pair("OPTForCausalLM", "pre_ln")
     ref.to(dtype), ours.to(dtype)
     ids, mask = batch("left")
-    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=1, output_scores=True,
-              return_dict_in_generate=True)
+    step, step_mask = torch.tensor([[5], [6], [7]]), torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+    logits = []
     with torch.inference_mode():
-        a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    got, want = torch.stack(a.scores).float(), torch.stack(b.scores).float()
+        for model in (ours, ref):
+            prompt = model(ids, attention_mask=mask, use_cache=True)
+            nxt = model(step, attention_mask=step_mask, past_key_values=prompt.past_key_values)
+            logits.append(torch.cat([prompt.logits[mask.bool()], nxt.logits[:, -1]]).float())  # (kept + 3, V)
+    got, want = logits
     assert torch.isfinite(got).all()
-    assert record(f"{dtype} scores, attention in fp32", got / want.abs().max(), want / want.abs().max()) < 2e-2
+    scale = want.abs().max()
+    assert record(f"{dtype} logits, attention in fp32 (of the largest)", got / scale, want / scale) < 2e-2
