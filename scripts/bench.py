@@ -224,7 +224,8 @@ def bench_shape(preset: str, dtype: torch.dtype, bw: float, args: argparse.Names
 
 def time_cases(preset: str, engines: dict[str, Engine], prompt: torch.Tensor, bound: float,
                args: argparse.Namespace) -> list:
-    """The rows of every inference case; `bound` is decode b1's tokens/s if reading the fp32 weights were all."""
+    """The rows of every inference case; `bound` is decode b1's tokens/s if reading the weights (in the run's dtype)
+    were all."""
     def each(fn: Callable[[Engine], object], work: float) -> dict[str, float]:
         """Work per second (tokens) of every engine, from the median time of `fn`."""
         with torch.no_grad():
@@ -237,7 +238,9 @@ def time_cases(preset: str, engines: dict[str, Engine], prompt: torch.Tensor, bo
     if "b1" in args.cases:
         b1 = each(lambda e: e.decode(prompt[:1, :32], 128), 128)
         rows.append((preset, "decode b1, 32+128 (tok/s)", b1))
-        rows.append((preset, "decode b1, % of the fp32 bandwidth bound", {n: 100 * v / bound for n, v in b1.items()}))
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+        share = {n: 100 * v / bound for n, v in b1.items()}
+        rows.append((preset, f"decode b1, % of the {dtype} bandwidth bound", share))
     if "b8" in args.cases:
         rows.append((preset, "decode b8, 32+64 (tok/s)", each(lambda e: e.decode(prompt[:8, :32], 64), 8 * 64)))
     if "context" in args.cases:
