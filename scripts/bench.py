@@ -44,6 +44,7 @@ import transformers
 from machine import copy_bandwidth, cpu_features, cpu_name
 
 import optlite
+from optlite.cpu_linear import use_onednn
 from optlite.quantize import quantize_
 
 CASES = ("prefill", "b1", "b8", "context", "train")
@@ -158,11 +159,13 @@ def reduced_precision_engines(ours: torch.nn.Module, modes: list[str]) -> dict[s
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    use_onednn(True, packed=args.packed)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     bw = copy_bandwidth(args.device, sync)
     print(f"{cpu_name()} ({' '.join(cpu_features()) or 'no AVX'}), torch {torch.__version__}, transformers "
           f"{transformers.__version__}, device {args.device}, {args.threads} threads, "
-          f"{str(dtype).removeprefix('torch.')}, copy bandwidth {bw / 1e9:.1f} GB/s, median of {args.repeats}")
+          f"{str(dtype).removeprefix('torch.')}, copy bandwidth {bw / 1e9:.1f} GB/s, median of {args.repeats}"
+          f"{', optlite with packed weights' if args.packed else ''}")
     rows, ceilings, names = [], [], []
     for preset in args.shapes:
         rows_, ceilings_, names_ = bench_shape(preset, dtype, bw, args)
@@ -320,6 +323,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=["bf16", "int8"], choices=("bf16", "int8"),
                         help="optlite's reduced-precision modes to add as columns (fp32 runs only)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which cases to run")
+    parser.add_argument("--packed", action="store_true",
+                        help="optlite's projections run on packed copies of the weights (use_onednn(packed=True))")
     run(parser.parse_args())
 
 

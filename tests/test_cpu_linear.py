@@ -524,3 +524,30 @@ def test_packed_copies_are_dropped_when_turned_off_and_with_their_module(packed)
         project(layer, x)
     use_onednn(True)
     assert not len(cpu_linear._PACKS)
+
+
+@pytest.mark.skipif(not cpu_linear._BF16, reason="oneDNN runs no bf16 products on this CPU")
+def test_packed_bf16_weights_give_transformers_bf16_outputs(monkeypatch, packed):
+    ref, ours = make_pair("OPTForCausalLM", "pre_ln")
+    ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+    ids, mask = batch("left")
+    with torch.no_grad(), count_onednn(monkeypatch) as calls:
+        a = ours(ids, attention_mask=mask).logits.float()
+    assert calls[0] == 6 * ours.config.num_hidden_layers + 1  # packed: q/k/v apart, out, fc1, fc2; lm_head
+    assert all(p.dtype == torch.bfloat16 for _, _, p in cpu_linear._PACKS.values())
+    with torch.no_grad():
+        b = ref(ids, attention_mask=mask).logits.float()
+    keep, scale = mask.bool(), b.abs().max()
+    # the same bf16 products summed in another order: within bf16's rounding of the largest logit
+    assert record("onednn packed bf16 forward (of the largest)", a[keep] / scale, b[keep] / scale) < 3e-2
+
+
+def test_bf16_stays_with_the_module_unless_packed_and_without_grad(monkeypatch, packed):
+    layer, x = linear()
+    layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.no_grad():
+        assert eligible(layer, x) == cpu_linear._BF16
+        monkeypatch.setattr(cpu_linear, "_PACKED", False)
+        assert not eligible(layer, x)
+    monkeypatch.undo()
+    assert not eligible(layer, x)  # grad enabled and the weight requires it: F.linear and its backward
