@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tiny import SHAPES, batch, make_pair, record
 
 from optlite import cpu_attention
-from optlite.cpu_attention import _blockwise, _inference_on_cpu, attention
+from optlite.cpu_attention import _blockwise, _inference_on_cpu, _only_causal, attention
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
@@ -107,6 +107,38 @@ def test_long_prompt_forward_matches_transformers(shape):
     assert record("forward, 150 tokens, blockwise attention (of the largest)", a / scale, b / scale) < 1e-5
 
 
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_long_prompt_with_a_padding_mask_matches_transformers(padding):
+    # A mask of ones makes the decoder's mask exactly causal: the blocks run. Padding keeps SDPA.
+    ref, ours = make_pair("OPTForCausalLM", "post_ln_proj", max_position_embeddings=160)
+    ids = torch.randint(3, 99, (2, 150), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        ids[1, :30], mask[1, :30] = 1, 0
+    with torch.inference_mode():
+        ran = kernels(lambda: ours(ids, attention_mask=mask))
+        a, b = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert (FLASH in ran) == (padding == "left")
+    keep, scale = mask.bool(), b.abs().max()
+    assert record("forward, 150 tokens, padding mask (of the largest)", a[keep] / scale, b[keep] / scale) < 1e-5
+
+
+def test_only_a_causal_mask_runs_as_causal():
+    T = 100
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    assert _only_causal(causal.expand(2, 1, T, T), T)
+    padded = causal.expand(2, 1, T, T).clone()
+    padded[1, ..., :3] = False
+    assert not _only_causal(padded, T)
+    assert not _only_causal(causal.expand(2, 1, T, T).clone().fill_(True), T)  # bidirectional
+    assert not _only_causal(torch.zeros(1, 1, T, T).masked_fill(~causal, float("-inf")), T)  # additive
+    q, k, v = qkv(1, 2, T, 8)
+    with torch.inference_mode():
+        assert record("blockwise causal attention", attention(q, k, v, causal[None, None]), sdpa(q, k, v)) < 1e-5
+        full = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # a mask of all True: no causal blocks
+        assert torch.allclose(attention(q, k, v, causal[None, None].clone().fill_(True)), full, atol=1e-6)
+
+
 def test_long_prompt_cache_continues_as_transformers(monkeypatch):
     ref, ours = make_pair("OPTForCausalLM", "pre_ln", max_position_embeddings=160)
     ids = torch.randint(3, 99, (1, 140), generator=torch.Generator().manual_seed(1))
@@ -114,7 +146,8 @@ def test_long_prompt_cache_continues_as_transformers(monkeypatch):
     monkeypatch.setattr(cpu_attention, "_blockwise", lambda *a: taken.append(_blockwise(*a)) or taken[-1])
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     got = ours.generate(ids, **kw)
-    assert taken == [True] * ours.config.num_hidden_layers  # the prefill's layers; each decoding step has a past
+    layers = ours.config.num_hidden_layers
+    assert taken[:layers] == [True] * layers and not any(taken[layers:])  # the prefill's layers; then a past
     assert torch.equal(got, ref.generate(ids, **kw))
 
 

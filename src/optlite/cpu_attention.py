@@ -1,12 +1,13 @@
 """Attention on AMD CPUs: a prompt's causal attention by blocks of queries, and bf16/fp16 attention in fp32.
 
-PyTorch's CPU kernel for `scaled_dot_product_attention(..., is_causal=True)` runs one small product per head and
-block; for a prompt of a few hundred tokens it is slower than the same attention written as batched products over
-blocks of 64 queries, each against the keys up to its last one, which skip the masked half as the kernel does
-(opt-125m's heads at 512 tokens, 2 threads: 3.0 ms against 4.5 on an AMD EPYC with AVX-512). In bf16 and fp16 the
-kernel is slower still (one decoding step's attention over 1,536 cached tokens: 790 µs in bf16, 95 µs in fp32), so
-there the inputs are cast to fp32, attended in fp32, and the output cast back: no less exact, as the kernel's own
-softmax and sums are fp32.
+PyTorch's CPU kernel for causal `scaled_dot_product_attention` runs one small product per head and block; for a
+prompt of a few hundred tokens it is slower than the same attention written as batched products over blocks of 64
+queries, each against the keys up to its last one, which skip the masked half as the kernel does (opt-125m's heads
+at 512 tokens, 2 threads: 3.0 ms against 4.5 on an AMD EPYC with AVX-512). A prompt with a padding mask of ones
+(the decoder's mask is then exactly causal) runs so too; one with padding keeps SDPA, faster there. In bf16 and
+fp16 the kernel is slower still (one decoding step's attention over 1,536 cached tokens: 790 µs in bf16, 95 µs in
+fp32), so there the inputs are cast to fp32, attended in fp32, and the output cast back: no less exact, as the
+kernel's own softmax and sums are fp32.
 
 Both are taken only for inference (no dropout, nothing requiring grad) on plain CPU tensors, on AMD CPUs, where
 they were measured; autograd, compile, tracing, autocast, torch modes and every other case run SDPA itself.
@@ -49,6 +50,14 @@ def _blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return q.dtype == torch.float32 and _BLOCK < T == k.shape[-2] and B * H * _BLOCK * T * 4 <= _MAX_SCORES
 
 
+def _only_causal(mask: torch.Tensor, T: int) -> bool:
+    """Whether a boolean (B, 1, T, T) mask lets each query see exactly itself and the keys before it: the decoder's
+    mask for a padding mask of ones."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (T, T):
+        return False
+    return torch.equal(mask, torch.ones(T, T, dtype=torch.bool).tril_().expand_as(mask))
+
+
 def _causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     T = q.shape[-2]
     k_t = k.transpose(-1, -2)  # (B, H, D, T)
@@ -77,7 +86,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         if q.dtype in _HALF:
             mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
             return attention(q.float(), k.float(), v.float(), mask, is_causal).to(q.dtype)
-        if is_causal and mask is None and _blockwise(q, k, v):
+        # causal without a mask, or with one that is only causal (a padding mask of ones); SDPA masks any other
+        T = q.shape[-2]
+        if _blockwise(q, k, v) and (mask is None if is_causal else mask is not None and _only_causal(mask, T)):
             return _causal_blocks(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=1.0)
