@@ -208,3 +208,8 @@ def test_half_precision_model_stays_close_to_transformers(dtype):
     assert torch.isfinite(got).all()
     scale = want.abs().max()
     assert record(f"{dtype} logits, attention in fp32 (of the largest)", got / scale, want / scale) < 2e-2
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), ("1", True), (None, True)])
+def test_environment_switch(value, on):
+    assert cpu_attention._switched_on({} if value is None else {"OPTLITE_CPU_ATTENTION": value}) is on

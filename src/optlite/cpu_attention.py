@@ -10,17 +10,26 @@ fp32), so there the inputs are cast to fp32, attended in fp32, and the output ca
 kernel's own softmax and sums are fp32.
 
 Both are taken only for inference (no dropout, nothing requiring grad) on plain CPU tensors, on AMD CPUs, where
-they were measured; autograd, compile, tracing, autocast, torch modes and every other case run SDPA itself.
+they were measured; autograd, compile, tracing, autocast, torch modes and every other case run SDPA itself, as does
+everything with the environment variable `OPTLITE_CPU_ATTENTION=0` (read at import).
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from .cpu_linear import _PLAIN, _context_is_plain, cpu_vendor
 
-_ON = cpu_vendor() == "AuthenticAMD"
+
+def _switched_on(environ: Mapping[str, str]) -> bool:
+    return environ.get("OPTLITE_CPU_ATTENTION", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_ON = cpu_vendor() == "AuthenticAMD" and _switched_on(os.environ)
 _HALF = (torch.bfloat16, torch.float16)
 
 _BLOCK = 64  # queries per block
