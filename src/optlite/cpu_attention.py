@@ -40,7 +40,7 @@ _MAX_SCORES = 4 << 20
 
 def _inference_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Plain (B, H, T, D) CPU tensors of one float dtype that nothing differentiates, outside any compile, trace,
-    autocast or torch mode, on an AMD CPU."""
+    autocast or torch mode, on an AMD CPU with the switch on."""
     if not _ON or q.dim() != 4 or q.dtype not in (torch.float32, *_HALF):
         return False
     tensors = (q, k, v) if mask is None else (q, k, v, mask)

@@ -288,7 +288,7 @@ def eligible(module: nn.Module, x: torch.Tensor) -> bool:
 
 def project(module: nn.Module, x: torch.Tensor, *, relu: bool = False,
             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`module(x)`, computed by oneDNN's fp32 kernel when that is the same computation (see `eligible`); with
+    """`module(x)`, computed by oneDNN's kernel when that is the same computation (see `eligible`); with
     `relu`, `F.relu(module(x))`, and with `residual`, `residual + ...`. On the kernel both run inside the product
     (oneDNN post-ops: no separate pass over the output), otherwise as those two torch calls; a module whose class
     has `forward_relu(x)` (the int8 mode's layer) runs its own fused ReLU when nothing hooks it.
