@@ -3,6 +3,7 @@
     python scripts/bench.py                      # opt-125m and opt-350m shapes, fp32, 2 threads
     python scripts/bench.py --shapes opt-125m --dtype bfloat16 --repeats 7
     python scripts/bench.py --device cuda --dtype float16 --compile
+    python scripts/bench.py --packed --modes bf16       # optlite on packed weight copies (use_onednn(packed=True))
 
 Cases: prefill 1x512; greedy decode batch 1 (32-token prompt, 128 new) and batch 8 (64 new); one training
 step 4x256 (forward, backward, fused AdamW); decode speed at context 64 vs 1536. Each figure is the median of
