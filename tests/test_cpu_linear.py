@@ -527,8 +527,9 @@ def test_packed_copies_are_dropped_when_turned_off_and_with_their_module(packed)
 
 
 @pytest.mark.skipif(not cpu_linear._BF16, reason="oneDNN runs no bf16 products on this CPU")
-def test_packed_bf16_weights_give_transformers_bf16_outputs(monkeypatch, packed):
-    ref, ours = make_pair("OPTForCausalLM", "pre_ln")
+@pytest.mark.parametrize("shape", ["pre_ln", "post_ln_proj", "no_bias_no_affine"])
+def test_packed_bf16_weights_give_transformers_bf16_outputs(monkeypatch, packed, shape):
+    ref, ours = make_pair("OPTForCausalLM", shape)
     ref.to(torch.bfloat16), ours.to(torch.bfloat16)
     ids, mask = batch("left")
     with torch.no_grad(), count_onednn(monkeypatch) as calls:
