@@ -4,6 +4,8 @@ score blocks, compile, autocast, other CPUs)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,9 @@ FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
 @pytest.fixture(autouse=True)
 def amd_cpu(monkeypatch):
-    """The blocks as an AMD CPU takes them, whatever CPU the tests run on."""
+    """The blocks as an AMD CPU at 2 threads takes them, whatever CPU and thread count the tests run with."""
     monkeypatch.setattr(cpu_attention, "_ON", True)
+    monkeypatch.setattr(cpu_attention, "_MAX_THREADS", max(2, torch.get_num_threads()))
 
 
 def qkv(B: int, H: int, T: int, D: int, seed: int = 0, **kw) -> list[torch.Tensor]:
@@ -65,24 +68,34 @@ def test_blocks_read_strided_queries_keys_and_values():
         assert record("blockwise causal attention", causal_attention(q, k, v), sdpa(q, k, v)) < 1e-5
 
 
-def test_cases_that_run_sdpa(monkeypatch):
+@pytest.mark.parametrize("case", ["one block", "bf16", "a past", "autograd", "scores over the bound", "compile",
+                                  "autocast", "not an AMD CPU", "more threads than measured"])
+def test_cases_that_run_sdpa(monkeypatch, case):
     q, k, v = qkv(1, 2, 100, 8)
-    assert not takes_blocks(*qkv(1, 2, 64, 8))  # one block: nothing to skip
-    assert not takes_blocks(q, k, v.bfloat16()) and not takes_blocks(*qkv(1, 2, 100, 8, dtype=torch.bfloat16))
-    assert not takes_blocks(q, torch.cat([k, k], 2), torch.cat([v, v], 2))  # keys of a past too
-    assert not takes_blocks(q.requires_grad_(), k, v)  # autograd: SDPA's backward
     with torch.no_grad():
-        assert takes_blocks(q, k, v)
-    monkeypatch.setattr(cpu_attention, "_MAX_SCORES", 2 * 64 * 100 * 4 - 1)  # a byte short of this block's scores
-    assert not takes_blocks(q.detach(), k, v)
-    monkeypatch.undo()
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not takes_blocks(q.detach(), k, v)
-    monkeypatch.undo()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not takes_blocks(q.detach(), k, v)
-    monkeypatch.setattr(cpu_attention, "_ON", False)  # not an AMD CPU
-    assert not takes_blocks(q.detach(), k, v)
+        assert takes_blocks(q, k, v)  # as given; each case changes one thing
+    context = contextlib.nullcontext()
+    if case == "one block":
+        q, k, v = qkv(1, 2, 64, 8)
+    elif case == "bf16":
+        q, k, v = qkv(1, 2, 100, 8, dtype=torch.bfloat16)  # attended in fp32, by blocks, after the cast
+    elif case == "a past":
+        k, v = torch.cat([k, k], 2), torch.cat([v, v], 2)
+    elif case == "autograd":
+        q.requires_grad_()
+    elif case == "scores over the bound":
+        monkeypatch.setattr(cpu_attention, "_MAX_SCORES", 2 * 64 * 100 * 4 - 1)  # a byte short of this block's
+    elif case == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    elif case == "autocast":
+        context = torch.autocast("cpu", dtype=torch.bfloat16)
+    elif case == "not an AMD CPU":
+        monkeypatch.setattr(cpu_attention, "_ON", False)
+    else:
+        monkeypatch.setattr(cpu_attention, "_MAX_THREADS", 2)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    with context:
+        assert not takes_blocks(q, k, v)
 
 
 def test_gradients_flow_through_sdpa():

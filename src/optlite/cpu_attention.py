@@ -10,8 +10,9 @@ fp32), so there the inputs are cast to fp32, attended in fp32, and the output ca
 kernel's own softmax and sums are fp32.
 
 Both are taken only for inference (no dropout, nothing requiring grad) on plain CPU tensors, on AMD CPUs, where
-they were measured; autograd, compile, tracing, autocast, torch modes and every other case run SDPA itself, as does
-everything with the environment variable `OPTLITE_CPU_ATTENTION=0` (read at import).
+they were measured (the blocks at up to 2 threads); autograd, compile, tracing, autocast, torch modes and every
+other case run SDPA itself, as does everything with the environment variable `OPTLITE_CPU_ATTENTION=0` (read at
+import).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ _BLOCK = 64  # queries per block
 # The most fp32 scores one block may hold (B * H * 64 queries * T keys * 4 bytes). Beyond it the blocks' scores no
 # longer stay in the caches between their products and their softmax, and SDPA's kernel is the faster.
 _MAX_SCORES = 4 << 20
+# Measured at 1 and 2 threads. With more, SDPA's kernel spreads (batch, head, block) items over the cores, where
+# batched products over a dozen heads may use them less well: unmeasured, so SDPA runs.
+_MAX_THREADS = 2
 
 
 def _inference_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -56,7 +60,8 @@ def _inference_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 def _blockwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether causal fp32 attention without a past runs by blocks (more than one block, scores within bounds)."""
     B, H, T, _ = q.shape
-    return q.dtype == torch.float32 and _BLOCK < T == k.shape[-2] and B * H * _BLOCK * T * 4 <= _MAX_SCORES
+    return (q.dtype == torch.float32 and _BLOCK < T == k.shape[-2] and B * H * _BLOCK * T * 4 <= _MAX_SCORES
+            and torch.get_num_threads() <= _MAX_THREADS)
 
 
 def _only_causal(mask: torch.Tensor, T: int) -> bool:
