@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from .cpu_linear import _PLAIN, _context_is_plain, cpu_vendor
+from .cpu_linear import _context_is_plain, _plain_cpu, cpu_vendor
 
 
 def _switched_on(environ: Mapping[str, str]) -> bool:
@@ -47,12 +47,9 @@ def _inference_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     autocast or torch mode, on an AMD CPU with the switch on."""
     if not _ON or q.dim() != 4 or q.dtype not in (torch.float32, *_HALF):
         return False
-    tensors = (q, k, v) if mask is None else (q, k, v, mask)
-    if not all(type(t) in _PLAIN and t.is_cpu and t.layout is torch.strided for t in tensors):
+    if not all(_plain_cpu(t, q.dtype) for t in (q, k, v)) or not (mask is None or _plain_cpu(mask, mask.dtype)):
         return False
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
         return False
     return _context_is_plain()
 
