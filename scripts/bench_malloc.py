@@ -1,11 +1,14 @@
 """Prefill in fresh processes with and without optlite's malloc thresholds (`optlite/cpu_memory.py`).
 
 Each process loads a saved opt-125m-shaped checkpoint, runs two 1x512 prefills (`logits_to_keep=1`) to settle, then
-times seven; the two settings (`OPTLITE_TUNE_MALLOC=0` and the default) alternate. Prints each process's median and
-page faults a prefill, then the medians and the median ratio of the pairs. A fresh process is the point: glibc's
-own thresholds rise with what a process has freed, so a long-running one (bench.py's) may have raised them already.
+times seven; the two settings (`OPTLITE_TUNE_MALLOC=0` and the default) alternate. With `--scoring` each forward
+returns the logits of all 512 positions (103 MB), as perplexity and lm-eval's loglikelihood need them. Prints each
+process's median, page faults a forward and peak resident memory, then the medians and the median ratio of the
+pairs. A fresh process is the point: glibc's own thresholds rise with what a process has freed, so a long-running
+one (bench.py's) may have raised them already.
 
     python scripts/bench_malloc.py --pairs 5 --mode int8
+    python scripts/bench_malloc.py --pairs 5 --mode float32 --scoring
 """
 
 from __future__ import annotations
@@ -32,23 +35,26 @@ torch.set_num_threads(int(sys.argv[3]))
 kwargs = {"quantize": "int8"} if sys.argv[2] == "int8" else {}
 model = optlite.OPTForCausalLM.from_pretrained(sys.argv[1], progress=False, **kwargs).eval()
 ids = torch.randint(4, 50000, (1, 512), generator=torch.Generator().manual_seed(0))
+call = {"use_cache": False} if sys.argv[4] == "scoring" else {"use_cache": True, "logits_to_keep": 1}
 with torch.inference_mode():
     for _ in range(2):
-        model(ids, use_cache=True, logits_to_keep=1)
+        model(ids, **call)
     times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(7):
         t0 = time.perf_counter()
-        model(ids, use_cache=True, logits_to_keep=1)
+        model(ids, **call)
         times.append(time.perf_counter() - t0)
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 7
-print(json.dumps({"ms": statistics.median(times) * 1e3, "faults": faults}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"ms": statistics.median(times) * 1e3, "faults": (usage.ru_minflt - faults) / 7,
+                  "peak_gib": usage.ru_maxrss / 2**20}))
 """
 
 
-def run(folder: Path, mode: str, threads: int, tuned: bool) -> dict:
+def run(folder: Path, mode: str, threads: int, tuned: bool, scoring: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env.update(PYTHONPATH=str(ROOT / "src"), OPTLITE_TUNE_MALLOC="1" if tuned else "0")
-    done = subprocess.run([sys.executable, "-c", CHILD, str(folder), mode, str(threads)], env=env,
+    done = subprocess.run([sys.executable, "-c", CHILD, str(folder), mode, str(threads),
+                           "scoring" if scoring else "prefill"], env=env,
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -58,6 +64,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--mode", choices=("float32", "int8"), default="int8")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scoring", action="store_true", help="every position's logits, not the last one's")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -70,14 +77,16 @@ def main() -> None:
         pairs = []
         for i in range(args.pairs):
             order = (False, True) if i % 2 == 0 else (True, False)
-            got = {tuned: run(Path(tmp), args.mode, args.threads, tuned) for tuned in order}
+            got = {tuned: run(Path(tmp), args.mode, args.threads, tuned, args.scoring) for tuned in order}
             pairs.append(got)
-            print(f"pair {i + 1}: glibc's defaults {got[False]['ms']:.1f} ms ({got[False]['faults']:,.0f} faults), "
-                  f"thresholds raised {got[True]['ms']:.1f} ms ({got[True]['faults']:,.0f} faults)")
+            print(f"pair {i + 1}: " + ", ".join(
+                f"{name} {r['ms']:.1f} ms ({r['faults']:,.0f} faults, peak {r['peak_gib']:.2f} GiB)"
+                for name, r in (("glibc's defaults", got[False]), ("thresholds raised", got[True]))))
     off = statistics.median(p[False]["ms"] for p in pairs)
     on = statistics.median(p[True]["ms"] for p in pairs)
     ratio = statistics.median(p[False]["ms"] / p[True]["ms"] for p in pairs)
-    print(f"{cpu_name()}: opt-125m {args.mode} prefill 1x512, {args.threads} threads, {args.pairs} pairs of fresh "
+    case = "scoring 1x512 (all logits)" if args.scoring else "prefill 1x512"
+    print(f"{cpu_name()}: opt-125m {args.mode} {case}, {args.threads} threads, {args.pairs} pairs of fresh "
           f"processes: glibc's defaults {off:.1f} ms, raised thresholds {on:.1f} ms, speed-up {ratio:.2f}x")
 
 

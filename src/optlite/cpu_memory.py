@@ -8,13 +8,18 @@ output is 6 MiB for 512 tokens of opt-125m) arrive as fresh pages that the kerne
 the thresholds glibc had reached there, 1.12x as long as with them raised (one process, alternating, on an AMD
 EPYC). Whether they had risen depended on what the process had freed first.
 
-The first forward of an optlite model sets both to glibc's own ceiling (`tune_malloc_once`). That keeps at most
-64 MiB of freed memory at the top of the heap for reuse; blocks over 32 MiB (the logits of long batches) still get
-mappings of their own. Not at import: loading keeps glibc's defaults, which return each tensor read and freed on
-the way (an int8 load of a 206 MB-in-fp32 model peaked at 0.62x its fp32 size so, 0.92x with the thresholds
-raised before it). Nothing changes outside glibc (macOS, Windows, musl), when the user set either threshold
-(MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES), or with the environment variable `OPTLITE_TUNE_MALLOC=0`.
-"""
+The first forward of an optlite model sets them to 256 MiB and 512 MiB (`tune_malloc_once`), past glibc's own
+ceiling, because a vocabulary-wide output is larger than that ceiling: the logits of 512 scored tokens take 103 MB
+(opt-125m), those of a 4x256 training batch and their gradient 206 MB each. With the thresholds at 32 and 64 MiB
+each came as a fresh mapping, 26,000 page faults per 103 MB: an int8 forward scoring 512 tokens took 44,000 faults
+and 1.2-1.4x as long as with the thresholds here, a training step 250,000 faults (AMD EPYC, fresh processes). Where
+a glibc refuses a threshold that high, they are set to its ceiling. The cost is memory held for reuse: up to 512
+MiB freed at the top of the heap stays with the process (a 4x256 opt-125m training step peaked 0.1-0.2 GiB higher),
+and blocks over 256 MiB still get mappings of their own. Not at import: loading keeps
+glibc's defaults, which return each tensor read and freed on the way (an int8 load of a 206 MB-in-fp32 model
+peaked at 0.62x its fp32 size so, 0.92x with raised thresholds before it). Nothing changes outside glibc (macOS,
+Windows, musl), when the user set either threshold (MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES), or with the
+environment variable `OPTLITE_TUNE_MALLOC=0`."""
 
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ import functools
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
-TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # where glibc's dynamic trim threshold ends: twice the mmap threshold
+MMAP_THRESHOLD = 256 << 20  # above a vocabulary-wide output of 4x256 tokens (206 MB at OPT's 50,272 words)
+GLIBC_CEILING = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems; some versions refuse more
 
 
 def user_chose_thresholds(environ: dict[str, str]) -> bool:
@@ -48,17 +53,21 @@ def glibc() -> bool:
 
 
 @functools.cache
-def tune_malloc_once() -> bool:
+def tune_malloc_once() -> int:
     """`tune_malloc()` the first time it is called in this process, its answer after (the model's forward calls it)."""
     return tune_malloc()
 
 
-def tune_malloc() -> bool:
-    """Raise glibc's mmap and trim thresholds to their dynamic ceiling; True if they were set."""
+def tune_malloc() -> int:
+    """Set glibc's mmap threshold to MMAP_THRESHOLD (where a glibc refuses that much, GLIBC_CEILING) and its trim
+    threshold to twice that, as glibc's dynamic ones keep it; the mmap threshold set, 0 if none was."""
     if not glibc() or user_chose_thresholds(os.environ):
-        return False
+        return 0
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols, glibc's among them
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        return 0
+    for threshold in (MMAP_THRESHOLD, GLIBC_CEILING):
+        if mallopt(M_MMAP_THRESHOLD, threshold):
+            return threshold if mallopt(M_TRIM_THRESHOLD, 2 * threshold) else 0
+    return 0
