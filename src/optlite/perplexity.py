@@ -46,8 +46,10 @@ def perplexity(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[int], 
     while pos < ids.numel():
         end = min(pos + stride, ids.numel())
         start = max(0, end - max_length)
-        logits = model(ids[None, start:end], use_cache=False).logits[0]  # row i predicts token start + i + 1
-        scored = logits[pos - start - 1:end - start - 1].float()  # (end - pos, V)
+        # Logits only where they are scored, the window's last end - pos + 1 positions (the very last predicts
+        # beyond the chunk): the context positions' logits would cost a vocabulary-wide product and memory each.
+        logits = model(ids[None, start:end], use_cache=False, logits_to_keep=end - pos + 1).logits[0]
+        scored = logits[:-1].float()  # (end - pos, V); row i predicts token pos + i
         nll += F.cross_entropy(scored, ids[pos:end], reduction="sum").item()
         chunks.update(end - pos)
         pos = end
