@@ -71,7 +71,7 @@ def test_after_a_forward_activations_come_from_the_heap_and_stay_for_reuse():
     assert got["mapped"] == 0, got
     assert got["kept"] >= 17, got  # 18 MiB freed, below the trim threshold: kept for the next forward
     # 40 MiB (opt-125m's logits for 200 tokens) from the heap too, where this glibc took the higher threshold
-    assert got["40_mapped"] == 0 if got["threshold"] > 40 else got["40_mapped"] >= 40, got
+    assert (got["40_mapped"] == 0) if got["threshold"] > 40 else (got["40_mapped"] >= 40), got
     assert got["over_mapped"] >= got["threshold"] + 8, got  # above the threshold: a mapping of its own
 
 

@@ -13,13 +13,13 @@ ceiling, because a vocabulary-wide output is larger than that ceiling: the logit
 (opt-125m), those of a 4x256 training batch and their gradient 206 MB each. With the thresholds at 32 and 64 MiB
 each came as a fresh mapping, 26,000 page faults per 103 MB: an int8 forward scoring 512 tokens took 44,000 faults
 and 1.2-1.4x as long as with the thresholds here, a training step 250,000 faults (AMD EPYC, fresh processes). Where
-a glibc refuses a threshold that high, they are set to its ceiling. The cost is memory held for reuse: up to 512
-MiB freed at the top of the heap stays with the process (a 4x256 opt-125m training step peaked 0.1-0.2 GiB higher),
-and blocks over 256 MiB still get mappings of their own. Not at import: loading keeps
-glibc's defaults, which return each tensor read and freed on the way (an int8 load of a 206 MB-in-fp32 model
-peaked at 0.62x its fp32 size so, 0.92x with raised thresholds before it). Nothing changes outside glibc (macOS,
-Windows, musl), when the user set either threshold (MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES), or with the
-environment variable `OPTLITE_TUNE_MALLOC=0`."""
+a glibc refuses a threshold that high, they are set to its ceiling. The cost is memory held for reuse: up to 512 MiB
+freed at the top of the heap stays with the process (a 4x256 opt-125m training step peaked 0.1-0.2 GiB higher), and
+blocks over 256 MiB still get mappings of their own. Not at import: loading keeps glibc's defaults, which return
+each tensor read and freed on the way (an int8 load of a 206 MB-in-fp32 model peaked at 0.62x its fp32 size so,
+0.92x with raised thresholds before it). Nothing changes outside glibc (macOS, Windows, musl), when the user set
+either threshold (MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES), or with the environment variable `OPTLITE_TUNE_MALLOC=0`.
+"""
 
 from __future__ import annotations
 
