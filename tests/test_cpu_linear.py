@@ -370,11 +370,23 @@ def test_gradients_through_the_onednn_forward_equal_f_linear(monkeypatch, bias, 
         y = project(layer, x)
         assert calls[0] == 1 and y.grad_fn is not None
         got = torch.autograd.grad(y, [x, *[p for p in layer.parameters() if p.requires_grad]], grad_out)
-    assert calls[0] == (2 if out_features == 8 else 1)  # the input gradient on oneDNN, except for a wide layer
+    # the input gradient on oneDNN, except for a wide layer, and the weight gradient when there is one
+    assert calls[0] == 1 + (out_features == 8) + (not frozen)
     want = torch.autograd.grad(layer(x), [x, *[p for p in layer.parameters() if p.requires_grad]], grad_out)
     assert len(got) == len(want) == (1 if frozen else 2 + bias)
     for g, w in zip(got, want, strict=True):
         assert record("onednn gradients", g, w, relative=True) < 1e-5
+
+
+def test_gradients_of_an_empty_batch_are_f_linears(monkeypatch):
+    layer = nn.Linear(16, 8)
+    x = torch.randn(0, 16, requires_grad=True)
+    with count_onednn(monkeypatch) as calls:
+        got = torch.autograd.grad(project(layer, x).sum(), [x, layer.weight, layer.bias])
+    assert calls[0] == 2  # the forward and the input gradient; oneDNN refuses a weight gradient over zero rows
+    want = torch.autograd.grad(layer(x).sum(), [x, layer.weight, layer.bias])
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and torch.equal(g, w)
 
 
 def test_training_step_gradients_match_transformers(monkeypatch):
