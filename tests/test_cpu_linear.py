@@ -378,6 +378,27 @@ def test_gradients_through_the_onednn_forward_equal_f_linear(monkeypatch, bias, 
         assert record("onednn gradients", g, w, relative=True) < 1e-5
 
 
+@pytest.mark.parametrize("out_features", [8, 80])
+def test_second_order_gradients_equal_f_linears(monkeypatch, out_features):
+    """create_graph=True, as Hessian-vector products (OBS-style pruning, second-order optimizers) take it: the
+    gradient's own gradient must not go through oneDNN's kernel, which has no derivative."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, out_features)
+    x = torch.randn(4, 16, requires_grad=True)
+
+    def second_order(y, calls=None):
+        grads = torch.autograd.grad((y ** 2).sum(), [layer.weight, x], create_graph=True)
+        if calls is not None:
+            assert calls[0] == 1  # the forward: the differentiable backward took none of oneDNN's products
+        return torch.autograd.grad(sum(g.sum() for g in grads), [x, layer.weight, layer.bias])
+
+    with count_onednn(monkeypatch) as calls:
+        got = second_order(project(layer, x), calls)
+    want = second_order(layer(x))
+    for g, w in zip(got, want, strict=True):
+        assert record("onednn second-order gradients", g, w, relative=True) < 1e-5
+
+
 def test_gradients_of_an_empty_batch_are_f_linears(monkeypatch):
     layer = nn.Linear(16, 8)
     x = torch.randn(0, 16, requires_grad=True)

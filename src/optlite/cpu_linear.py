@@ -247,19 +247,23 @@ class OneDNNLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        # create_graph=True (Hessian-vector products): F.linear's own products, which autograd can differentiate
+        # again; oneDNN's kernel has no derivative, and a gradient through it would silently come out as zero.
+        plain = torch.is_grad_enabled()
         grad_x = None
         if ctx.needs_input_grad[0]:  # (..., in)
             # oneDNN reads the weight transposed where it lies, 1.1-1.4x MKL's product for the decoder's shapes
             # (1024 rows); for a vocabulary-wide LM head MKL's is the faster one.
             wide = weight.shape[0] > 4 * weight.shape[1]
-            grad_x = grad.matmul(weight) if wide else _KERNEL(grad, weight.t(), None, "none", [], "")
+            grad_x = grad.matmul(weight) if wide or plain else _KERNEL(grad, weight.t(), None, "none", [], "")
         grad_w = None
         if ctx.needs_input_grad[1]:  # (out, in) = grad_2d.T @ x_2d
             x_2d = x.reshape(-1, x.shape[-1])
             # x_2d is read transposed where it lies, grad_2d.T copied (oneDNN's left operand is row-major); with
             # the copy the product ran 1.6-2.1x MKL's for OPT's shapes (1024 rows, AMD EPYC with full-width
             # AVX-512, where MKL runs AVX2 kernels). oneDNN refuses a product over zero rows.
-            grad_w = _KERNEL(grad_2d.t(), x_2d.t(), None, "none", [], "") if len(x_2d) else grad_2d.t().mm(x_2d)
+            onednn = len(x_2d) and not plain
+            grad_w = _KERNEL(grad_2d.t(), x_2d.t(), None, "none", [], "") if onednn else grad_2d.t().mm(x_2d)
         grad_b = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (out,)
         return grad_x, grad_w, grad_b
 
