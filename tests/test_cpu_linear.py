@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from tiny import SHAPES, batch, make_pair, record
 from torch import nn
 
@@ -397,6 +398,36 @@ def test_second_order_gradients_equal_f_linears(monkeypatch, out_features):
     want = second_order(layer(x))
     for g, w in zip(got, want, strict=True):
         assert record("onednn second-order gradients", g, w, relative=True) < 1e-5
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_forward_mode_tangents_equal_the_modules(monkeypatch, frozen):
+    """Dual tensors (torch.autograd.forward_ad) go to the module: oneDNN's kernel has no forward derivative, and its
+    output would come back without a tangent."""
+    layer = nn.Linear(16, 8).requires_grad_(not frozen)
+    x, tangent = torch.randn(2, 4, 16).unbind(0)
+    with count_onednn(monkeypatch) as calls, fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        got, want = fwAD.unpack_dual(project(layer, dual)), fwAD.unpack_dual(layer(dual))
+    assert calls[0] == 0
+    assert torch.equal(got.primal, want.primal) and torch.equal(got.tangent, want.tangent)
+
+
+@pytest.mark.parametrize("shape", ["pre_ln", "post_ln_proj"])
+def test_forward_mode_jacobian_vector_product_matches_transformers(shape):
+    """A JVP of the hidden states along a direction of the input embeddings, as linearisation studies take it;
+    with eager attention (SDPA's CPU kernel has no forward derivative in either library)."""
+    ref, ours = make_pair("OPTModel", shape, attn_implementation="eager")
+    ids, mask = batch("left")
+    tangents = []
+    for model in (ref, ours):
+        embeds = model.get_input_embeddings()(ids).detach()
+        direction = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), fwAD.dual_level():
+            out = model(inputs_embeds=fwAD.make_dual(embeds, direction), attention_mask=mask, output_attentions=True)
+            tangents.append(fwAD.unpack_dual(out.last_hidden_state).tangent)
+    assert tangents[1] is not None
+    assert record("forward-mode tangents", tangents[1], tangents[0], relative=True) < 1e-5
 
 
 def test_gradients_of_an_empty_batch_are_f_linears(monkeypatch):

@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 import torch.nn.modules.module as module_hooks
 from torch import nn
@@ -216,9 +217,11 @@ def _plain_parameters(module: nn.Module) -> tuple[Any, Any] | None:
 
 
 def _context_is_plain() -> bool:
-    """No global module hook, autocast, compile/trace/export, functorch transform or torch mode is active."""
+    """No global module hook, autocast, compile/trace/export, functorch transform, forward-mode AD level or torch
+    mode is active."""
     return not (
         any(_GLOBAL_HOOKS)
+        or _forward_ad._current_level >= 0  # dual tensors: oneDNN's kernel has no forward derivative (tangent lost)
         or torch.is_autocast_enabled("cpu")
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
