@@ -251,7 +251,7 @@ class OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
         # create_graph=True (Hessian-vector products): F.linear's own products, which autograd can differentiate
-        # again; oneDNN's kernel has no derivative, and a gradient through it would silently come out as zero.
+        # again; oneDNN's kernel has no derivative, and what flowed through it would silently be left out.
         plain = torch.is_grad_enabled()
         grad_x = None
         if ctx.needs_input_grad[0]:  # (..., in)
