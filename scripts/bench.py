@@ -160,7 +160,8 @@ def reduced_precision_engines(ours: torch.nn.Module, modes: list[str]) -> dict[s
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    use_onednn(True, packed=args.packed)
+    if args.packed:  # only then: use_onednn(True) would also override OPTLITE_ONEDNN_LINEAR=0
+        use_onednn(True, packed=True)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     bw = copy_bandwidth(args.device, sync)
     print(f"{cpu_name()} ({' '.join(cpu_features()) or 'no AVX'}), torch {torch.__version__}, transformers "

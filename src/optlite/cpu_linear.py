@@ -234,7 +234,8 @@ def _context_is_plain() -> bool:
 
 class OneDNNLinear(torch.autograd.Function):
     """`F.linear(x, weight, bias)` on oneDNN: its forward, its weight gradient, and the input gradient of the
-    decoder's shapes; the bias gradient (and a wide LM head's input gradient) are what F.linear's backward runs."""
+    decoder's shapes; the bias gradient (and a wide LM head's input gradient) are what F.linear's backward runs, as
+    is every gradient under create_graph=True."""
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -359,7 +360,7 @@ def _swapped_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def _fusable_residual(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN adds a residual of the output's own shape and layout, a plain contiguous fp32 CPU tensor."""
+    """oneDNN adds a residual of the output's own shape and layout, a plain contiguous CPU tensor of x's dtype."""
     return (_plain_cpu(residual, x.dtype) and residual.is_contiguous() and not residual.requires_grad
             and residual.shape == (*x.shape[:-1], weight.shape[0]))
 
