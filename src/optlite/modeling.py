@@ -22,7 +22,7 @@ from .cache import Cache, DynamicCache, as_cache
 from .config import OPTConfig
 from .cpu_attention import attention
 from .cpu_linear import project, project_stacked, share_storage
-from .cpu_memory import tune_malloc_once
+from .cpu_memory import tune_malloc_for_training_once, tune_malloc_once
 from .outputs import BaseModelOutputWithPast
 
 logger = logging.getLogger(__name__)
@@ -552,7 +552,7 @@ class OPTDecoder(nn.Module):
     ) -> BaseModelOutputWithPast | tuple:
         cfg = self.config
         if not torch.compiler.is_compiling():  # a ctypes call: not something to trace
-            tune_malloc_once()
+            tune_malloc_for_training_once() if self.training and torch.is_grad_enabled() else tune_malloc_once()
         output_attentions = config_flag(cfg, "output_attentions", output_attentions)
         output_hidden_states = config_flag(cfg, "output_hidden_states", output_hidden_states)
         if input_ids is not None:
