@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # glibc's own 32 MiB ceiling) and one 8 MiB over the threshold optlite set, and reports in MiB how much came as
 # mappings of their own and how much of the heap stayed after the free, right after `import optlite` or after a
 # tiny model's forward (one or the other: glibc's thresholds rise as blocks are freed).
-CHILD = """
+PRELUDE = """
 import ctypes, json, sys
 import torch
 import optlite
@@ -28,7 +28,8 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
-
+"""
+CHILD = PRELUDE + """
 def mapped_mib(n_mib):
     before = libc.mallinfo2().hblkhd
     block = torch.ones(n_mib << 18)
@@ -55,9 +56,9 @@ print(json.dumps(measure(threshold)))
 pytestmark = pytest.mark.skipif(not cpu_memory.glibc(), reason="glibc's malloc only")
 
 
-def child(stage: str, **env: str) -> dict:
+def child(stage: str, script: str = CHILD, **env: str) -> dict:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    done = subprocess.run([sys.executable, "-c", CHILD, stage], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", script, stage], capture_output=True, text=True, timeout=120,
                           env={**environ, "PYTHONPATH": str(ROOT / "src"), **env})
     if "mallinfo2" in done.stderr:
         pytest.skip("glibc older than 2.33: no mallinfo2")
@@ -100,17 +101,7 @@ def test_tune_malloc_returns_the_threshold_it_set(monkeypatch):
 
 # Four 200 MiB tensors (each under the 256 MiB mmap threshold, so from the heap) freed together: 800 MiB free at the
 # top of the heap, over the 512 MiB trim threshold of inference, under the one a training forward sets.
-TRIM_CHILD = """
-import ctypes, json, sys
-import torch
-import optlite
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
+TRIM_CHILD = PRELUDE + """
 config = optlite.OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
 model = optlite.OPTForCausalLM(config).train(sys.argv[1] == "train")
 model(torch.tensor([[2, 5, 7]]), labels=torch.tensor([[2, 5, 7]])).loss.backward()
@@ -121,19 +112,9 @@ print(json.dumps({"kept": (libc.mallinfo2().arena - before) / 2**20}))
 """
 
 
-def trim_child(mode: str) -> dict:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    done = subprocess.run([sys.executable, "-c", TRIM_CHILD, mode], capture_output=True, text=True, timeout=120,
-                          env={**environ, "PYTHONPATH": str(ROOT / "src")})
-    if "mallinfo2" in done.stderr:
-        pytest.skip("glibc older than 2.33: no mallinfo2")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
 def test_after_a_training_forward_the_heap_keeps_a_steps_freed_memory():
-    assert trim_child("train")["kept"] >= 790  # the next step's 800 MiB, without page faults
-    assert trim_child("eval")["kept"] < 790  # inference trims as before: what lies free over 512 MiB goes back
+    assert child("train", TRIM_CHILD)["kept"] >= 790  # the next step's 800 MiB, without page faults
+    assert child("eval", TRIM_CHILD)["kept"] < 790  # inference trims as before: what lies free over 512 MiB goes back
 
 
 def test_tune_malloc_for_training_is_nothing_where_the_user_opted_out(monkeypatch):
