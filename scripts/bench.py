@@ -15,8 +15,10 @@ CTranslate2 (`pip install -e ".[bench]"`, CPU only) converts the checkpoint tran
 
 Below the table, two ceilings: the time of the matrix products alone (one token's matrix-vector products for
 decode b1; a step's forward and backward matrix products plus the AdamW update for training), run through
-F.linear as both libraries run them. An fp32 implementation that computes the same products with the same BLAS
+F.linear as transformers runs them. An fp32 implementation that computes the same products with the same BLAS
 does at least this work, so transformers' time divided by it bounds the speed-up such an implementation can get.
+optlite's products run on oneDNN where `optlite/cpu_linear.py` chooses it (AMD CPUs; training where they have
+AVX-512), so there it can pass the bound.
 """
 
 from __future__ import annotations
