@@ -23,11 +23,9 @@ either threshold (MALLOC_*_THRESHOLD_ or GLIBC_TUNABLES), or with the environmen
 The first training forward (grad enabled, module in training mode) raises the trim threshold again, to the most
 mallopt takes (2 GiB - 1), `tune_malloc_for_training_once`. A step frees more than 512 MiB at the top of the heap
 (its activations, logits and their gradients) and the next step needs it back: at 512 MiB a 4x256 opt-125m step
-took 0-160,000 page faults (each 206 MB buffer 50,272 of them) and a median of 2.47 s, at 2 GiB none after the
-first steps and 2.26 s (AMD EPYC, 2 threads, seven steps in one process that also trained transformers' model). In
-fresh processes training optlite alone the faults went from 31,000-65,000 a step to 3,000-9,500 and the step from
-2.51 s to 2.48 s (scripts/bench_malloc.py --train). The peak resident memory is the same; what changes is that the
-process keeps it between steps.
+took 31,000-65,000 page faults in fresh processes (each 206 MB buffer 50,272 of them), at 2 GiB 3,000-9,500
+(scripts/bench_malloc.py --train, AMD EPYC). The peak resident memory is the same; what changes is that the process
+keeps it between steps.
 """
 
 from __future__ import annotations
