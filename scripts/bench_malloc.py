@@ -50,10 +50,10 @@ if sys.argv[4] == "train":
 else:
     rounds, keep = 7, {"use_cache": False} if sys.argv[4] == "scoring" else {"use_cache": True, "logits_to_keep": 1}
     model.eval()
-    torch.set_grad_enabled(False)
 
     def call():
-        model(ids, **keep)
+        with torch.inference_mode():
+            model(ids, **keep)
 for _ in range(2):
     call()
 times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -81,9 +81,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--mode", choices=("float32", "int8"), help="int8 by default; training is float32")
     parser.add_argument("--threads", type=int, default=2)
-    case = parser.add_mutually_exclusive_group()
-    case.add_argument("--scoring", action="store_true", help="every position's logits, not the last one's")
-    case.add_argument("--train", action="store_true", help="4x256 training steps instead of prefills")
+    cases = parser.add_mutually_exclusive_group()
+    cases.add_argument("--scoring", action="store_true", help="every position's logits, not the last one's")
+    cases.add_argument("--train", action="store_true", help="4x256 training steps instead of prefills")
     args = parser.parse_args()
     case = "train" if args.train else "scoring" if args.scoring else "prefill"
     if args.train and args.mode == "int8":
